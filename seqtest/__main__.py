@@ -1,0 +1,3 @@
+from seqtest.cli import main
+
+main()

@@ -1,0 +1,128 @@
+"""The task contract and the task registry.
+
+A task is a seeded, vectorised generator of sequences plus everything needed to judge a
+model on them: the loss, which output steps are scored, the loss of the best predictor
+that remembers nothing (`baseline_loss`), and when the task counts as solved.
+
+Tensors are batch-first everywhere:
+
+    x     [B, T, input_size]  float inputs
+    y     [B, T, output_size] float targets (loss_kind "mse") or [B, T] class indices ("cross_entropy")
+    mask  [B, T]              bool, True where the output is scored
+
+A task knows nothing about models; a model knows nothing about tasks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pkgutil
+from abc import ABC, abstractmethod
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from seqtest.errors import ConfigError
+
+LOSS_KINDS = ("mse", "cross_entropy")
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+
+
+class Task(ABC):
+    """Base class of every task. Subclasses are dataclasses whose fields are the task's parameters."""
+
+    name: ClassVar[str]
+    loss_kind: ClassVar[str]
+    #: Name of the task's accuracy-like metric (None where the task defines none).
+    metric_name: ClassVar[str | None] = None
+
+    input_size: int
+    output_size: int
+
+    @property
+    @abstractmethod
+    def seq_len(self) -> int:
+        """Total number of time steps of one sequence."""
+
+    @abstractmethod
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """Draw a batch on `generator.device`, using only `generator` for randomness."""
+
+    @property
+    @abstractmethod
+    def baseline_loss(self) -> float:
+        """Analytic loss of the best predictor that remembers nothing of the input."""
+
+    @abstractmethod
+    def solved(self, metrics: dict) -> bool:
+        """Whether validation metrics (`val_loss`, `val_metric`) meet the task's solved criterion."""
+
+    @abstractmethod
+    def informative_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """Bool [B, T]: the input steps that carry the information the targets depend on."""
+
+    def loss(self, output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the scored (sample, step) pairs."""
+        weight = mask.to(output.dtype)
+        if self.loss_kind == "mse":
+            per_step = (output - y).pow(2).mean(-1)
+        else:
+            classes = output.shape[-1]
+            per_step = F.cross_entropy(
+                output.reshape(-1, classes), y.reshape(-1), reduction="none"
+            ).view_as(weight)
+        return (per_step * weight).sum() / weight.sum()
+
+    def metric(self, output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The task's accuracy-like metric on a batch, or None."""
+        return None
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def _where(cls: type) -> str:
+    """Where a class is defined, as `file:line (module.Class)`; the real path, so a module
+    reached through a symlinked folder is still recognised as the same definition."""
+    try:
+        line = inspect.getsourcelines(cls)[1]
+        path = os.path.realpath(inspect.getsourcefile(cls) or "?")
+        return f"{path}:{line} ({cls.__qualname__})"
+    except (OSError, TypeError):
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_task(name: str):
+    """Class decorator: register a task under `name`. A name registered twice is an error."""
+
+    def decorate(cls: type[Task]) -> type[Task]:
+        previous = _REGISTRY.get(name)
+        if previous is not None and _where(previous) != _where(cls):
+            raise ConfigError(
+                f"task name {name!r} is registered twice: by {_where(previous)} and by {_where(cls)}"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def registered_tasks() -> dict[str, type[Task]]:
+    """All tasks shipped with seqtest (importing every module of the package) plus any already
+    registered from elsewhere."""
+    package = importlib.import_module("seqtest.tasks")
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"seqtest.tasks.{info.name}")
+    return dict(sorted(_REGISTRY.items()))

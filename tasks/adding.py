@@ -1,0 +1,86 @@
+"""The adding problem (Hochreiter & Schmidhuber 1997; the variant of Le et al. 2015 and
+Arjovsky et al. 2016).
+
+Definition. Each input step has two channels: a value drawn from U[0, 1] and a marker in
+{0, 1}. Exactly two steps are marked. With ``placement="halves"`` (the default) one marker
+is uniform over the first half, steps [0, T//2), and the other uniform over the second
+half, [T//2, T). With ``placement="anywhere"`` (the TCN benchmark variant, Bai et al. 2018)
+the two markers are two distinct steps uniform over the whole sequence. The target is the
+sum of the two marked values; only the last step's output is scored, by mean squared error.
+
+Example, T = 6, markers at steps 1 and 4::
+
+    value  0.31 0.72 0.05 0.90 0.44 0.18
+    marker 0    1    0    0    1    0
+    target                            1.16   (= 0.72 + 0.44, scored at the last step)
+
+Baseline 1/6. A predictor that remembers nothing can only output a constant; the best one
+is E[x1 + x2] = 1, and its MSE is Var[x1 + x2] = 2 * Var[U(0,1)] = 2/12 = 1/6.
+
+Solved: validation MSE below ``solved_mse`` (0.01, i.e. 6% of the baseline, the threshold
+commonly used since Le et al. 2015 to separate learning from guessing the mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seqtest.errors import require, require_choice, require_positive_int
+from seqtest.tasks._base import Batch, Task, register_task
+
+PLACEMENTS = ("halves", "anywhere")
+
+
+@register_task("adding")
+@dataclass
+class AddingTask(Task):
+    length: int = 100
+    placement: str = "halves"
+    solved_mse: float = 0.01
+
+    loss_kind = "mse"
+    input_size = 2
+    output_size = 1
+
+    def __post_init__(self) -> None:
+        require_positive_int("task.length", self.length)
+        require(self.length >= 2, "task.length", self.length, "an integer >= 2 (two markers)")
+        require_choice("task.placement", self.placement, PLACEMENTS)
+        require(self.solved_mse > 0, "task.solved_mse", self.solved_mse, "a positive number")
+
+    @property
+    def seq_len(self) -> int:
+        return self.length
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        T, device = self.length, generator.device
+        rows = torch.arange(batch_size, device=device)
+        values = torch.rand(batch_size, T, generator=generator, device=device)
+        if self.placement == "halves":
+            first = torch.randint(0, T // 2, (batch_size,), generator=generator, device=device)
+            second = torch.randint(T // 2, T, (batch_size,), generator=generator, device=device)
+        else:  # two distinct steps, uniform over the sequence
+            first = torch.randint(0, T, (batch_size,), generator=generator, device=device)
+            second = torch.randint(0, T - 1, (batch_size,), generator=generator, device=device)
+            second = second + (second >= first).long()
+        markers = torch.zeros(batch_size, T, device=device)
+        markers[rows, first] = 1.0
+        markers[rows, second] = 1.0
+        x = torch.stack([values, markers], dim=-1)
+        y = torch.zeros(batch_size, T, 1, device=device)
+        y[:, -1, 0] = values[rows, first] + values[rows, second]
+        mask = torch.zeros(batch_size, T, dtype=torch.bool, device=device)
+        mask[:, -1] = True
+        return Batch(x, y, mask)
+
+    @property
+    def baseline_loss(self) -> float:
+        return 1.0 / 6.0
+
+    def solved(self, metrics: dict) -> bool:
+        return metrics["val_loss"] < self.solved_mse
+
+    def informative_positions(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., 1] > 0.5
