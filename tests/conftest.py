@@ -1,0 +1,25 @@
+"""Shared fixtures: compose configs from the packaged `seqtest.conf` without running Hydra's app."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+# Tests are tiny and run side by side with other processes on small machines.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def make_cfg():
+    """Compose the app's config with overrides, as the command line would."""
+
+    def _make(*overrides: str) -> DictConfig:
+        with initialize_config_module(config_module="seqtest.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _make
+
+
+TINY = ("model.hidden_size=8", "train.batch_size=8", "train.val_size=32", "train.progress=false")

@@ -1,0 +1,47 @@
+"""The command line, end to end in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from seqtest.results import read_summary
+
+QUICK = ["model.hidden_size=4", "train.batch_size=4", "train.val_size=8", "train.progress=false"]
+
+
+def seqtest(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "seqtest", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_two_job_multirun_writes_both_runs_and_prints_the_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = seqtest(
+        "-m", "model=rnn,gru", "task=copying", "task.length=3", "train.steps=4",
+        "train.eval_every=2", f"hydra.sweep.dir={sweep}", *QUICK, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    models = {read_summary(sweep / str(i))["model"] for i in range(2)}
+    assert models == {"rnn", "gru"}
+    assert (sweep / "0" / ".hydra" / "overrides.yaml").exists()
+    table = done.stdout[done.stdout.index("seqtest sweep") :]
+    assert "loss_ratio" in table and "rnn" in table and "gru" in table and "copying" in table
+
+
+def test_a_bad_value_exits_with_a_clear_message_and_writes_no_results(tmp_path):
+    run_dir = tmp_path / "bad"
+    done = seqtest("model.hidden_size=0", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "model.hidden_size=0 is invalid: expected a positive integer" in done.stderr
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_an_unknown_model_lists_the_available_ones(tmp_path):
+    done = seqtest("model=transformer", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "Could not find 'model/transformer'" in done.stderr
+    assert "lstm" in done.stderr and "gru" in done.stderr

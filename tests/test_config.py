@@ -1,0 +1,69 @@
+"""Every config in conf/ composes, and what it describes can be built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from seqtest.models import ModelConfig, build_model
+from seqtest.run import build_task
+from seqtest.train import TrainConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_groups_are_not_empty():
+    assert {"adding", "copying"} <= set(options("task"))
+    assert {"rnn", "lstm", "gru"} <= set(options("model"))
+    assert {"adam", "rmsprop", "sgd"} <= set(options("optim"))
+
+
+@pytest.mark.parametrize("task", options("task"))
+def test_every_task_config_instantiates(make_cfg, task):
+    cfg = make_cfg(f"task={task}")
+    built = build_task(cfg)
+    assert built.name == task
+    assert built.baseline_loss > 0
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_config_builds(make_cfg, model):
+    cfg = make_cfg(f"model={model}")
+    config = ModelConfig(**OmegaConf.to_container(cfg.model))
+    assert config.name == model
+    build_model(config, 2, 1)
+
+
+@pytest.mark.parametrize("optim", options("optim"))
+def test_every_optimiser_config_instantiates(make_cfg, optim):
+    cfg = make_cfg(f"optim={optim}")
+    instantiate(cfg.optim)(build_model(ModelConfig(hidden_size=4), 2, 1).parameters())
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes(make_cfg, experiment):
+    cfg = make_cfg(f"+experiment={experiment}")
+    TrainConfig(**OmegaConf.to_container(cfg.train))
+    build_task(cfg)
+
+
+def test_public_override_keys_exist(make_cfg):
+    cfg = make_cfg(
+        "task=copying", "task.length=7", "model=gru", "model.hidden_size=5", "model.num_layers=2",
+        "optim=sgd", "optim.lr=0.5", "train.steps=3", "train.batch_size=2", "train.eval_every=1",
+        "train.clip=0", "train.early_stop=false", "seed=4", "device=cpu",
+    )  # fmt: skip
+    assert (cfg.task.length, cfg.model.cell, cfg.model.hidden_size, cfg.model.num_layers) == (
+        7, "gru", 5, 2,
+    )  # fmt: skip
+    assert (cfg.optim.lr, cfg.train.steps, cfg.train.batch_size, cfg.train.eval_every) == (
+        0.5, 3, 2, 1,
+    )  # fmt: skip
+    assert (cfg.train.clip, cfg.train.early_stop, cfg.seed, cfg.device) == (0, False, 4, "cpu")

@@ -1,0 +1,100 @@
+"""The training loop and `run(cfg)`: clipping order, metrics, early stop, results, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seqtest.models import build_model
+from seqtest.results import read_metrics, read_summary
+from seqtest.run import run
+from seqtest.tasks.adding import AddingTask
+from seqtest.train import TrainConfig, train
+from tests.conftest import TINY
+
+
+def test_clipping_happens_after_backward_and_before_step():
+    torch.manual_seed(0)
+    task = AddingTask(length=6)
+    model = build_model(dict(cell="rnn", hidden_size=8), task.input_size, task.output_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e3)  # huge gradients are clipped
+    seen = []
+    real_step = optimizer.step
+
+    def checking_step(*args, **kwargs):
+        grads = [p.grad for p in model.parameters()]
+        assert all(g is not None for g in grads), "step ran before backward"
+        seen.append(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item())
+        return real_step(*args, **kwargs)
+
+    optimizer.step = checking_step
+    g = torch.Generator().manual_seed(0)
+    config = TrainConfig(steps=5, batch_size=4, eval_every=5, clip=1e-3, progress=False)
+    result = train(
+        model, task, optimizer, config, data_generator=g, val_batch=task.sample(8, g)
+    )
+    assert len(seen) == 5
+    assert max(seen) <= 1e-3 * (1 + 1e-5)  # every step saw the clipped gradient
+    assert result.records[-1]["grad_norm"] > 1e-3  # the logged norm is the pre-clip one
+    assert result.records[-1]["clip_fraction"] == 1.0
+
+
+def test_run_writes_metrics_and_summary(make_cfg, tmp_path):
+    cfg = make_cfg("task.length=8", "train.steps=30", "train.eval_every=10", *TINY)
+    summary = run(cfg, tmp_path)
+    assert read_summary(tmp_path) == json.loads(json.dumps(summary))
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [0, 10, 20, 30]
+    fields = {"step", "train_loss", "val_loss", "val_metric", "grad_norm", "elapsed_s"}
+    assert fields <= set(records[-1])
+    for key in ["task", "model", "length", "seed", "status", "steps", "best_val_loss",
+                "final_val_loss", "baseline_loss", "loss_ratio", "solved_at_step",
+                "num_params", "wall_time_s", "steps_per_s"]:  # fmt: skip
+        assert key in summary, key
+    assert summary["final_val_loss"] == records[-1]["val_loss"]
+    assert summary["best_val_loss"] == min(r["val_loss"] for r in records)
+    assert summary["loss_ratio"] == pytest.approx(summary["final_val_loss"] / (1 / 6))
+    assert summary["status"] == "unsolved" and summary["solved_at_step"] is None
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_same_seed_same_losses_different_seed_different_losses(make_cfg, tmp_path):
+    def losses(seed, where):
+        cfg = make_cfg("task=copying", "task.length=5", "train.steps=20", f"seed={seed}", *TINY)
+        summary = run(cfg, tmp_path / where)
+        return [r["val_loss"] for r in read_metrics(tmp_path / where)], summary
+
+    a, sa = losses(1, "a")
+    b, sb = losses(1, "b")
+    c, _ = losses(2, "c")
+    assert a == b
+    assert sa["final_val_loss"] == sb["final_val_loss"] and sa["best_val_loss"] == sb["best_val_loss"]
+    assert a != c
+
+
+def test_early_stop_at_the_first_solved_evaluation(make_cfg, tmp_path):
+    # an absurdly loose criterion is met at the first evaluation after step 0
+    cfg = make_cfg("task.length=6", "task.solved_mse=10", "train.steps=50", "train.eval_every=5",
+                   *TINY)  # fmt: skip
+    summary = run(cfg, tmp_path)
+    assert summary["status"] == "solved"
+    assert summary["solved_at_step"] == 0  # already "solved" at initialisation
+    assert summary["steps"] == 5  # stopped at the first evaluation after training began
+
+
+def test_without_early_stop_the_budget_is_used(make_cfg, tmp_path):
+    cfg = make_cfg("task.length=6", "task.solved_mse=10", "train.steps=12", "train.eval_every=5",
+                   "train.early_stop=false", *TINY)  # fmt: skip
+    summary = run(cfg, tmp_path)
+    assert summary["steps"] == 12 and summary["status"] == "solved"
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 5, 10, 12]
+
+
+def test_training_learns_a_short_adding_problem(make_cfg, tmp_path):
+    cfg = make_cfg("task.length=5", "model=lstm", "model.hidden_size=16", "train.steps=400",
+                   "train.eval_every=100", "optim.lr=0.01", "train.progress=false",
+                   "train.val_size=256", "train.early_stop=false")  # fmt: skip
+    summary = run(cfg, tmp_path)
+    assert summary["loss_ratio"] < 0.3
