@@ -1,32 +1,70 @@
 """The `seqtest` command: Hydra composes the config, `run(cfg)` does the work.
 
-    seqtest task=copying model=lstm task.length=200
-    seqtest -m model=rnn,lstm,gru task.length=50,100,200
+seqtest task=copying model=lstm task.length=200
+seqtest -m model=rnn,lstm,gru task.length=50,100,200
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from seqtest.errors import ConfigError
-from seqtest.run import run
+from seqtest.checkpoint import CheckpointError
+from seqtest.errors import ConfigError, require_choice
+from seqtest.results import format_table
+from seqtest.run import analyze, run
 
 log = logging.getLogger("seqtest")
+MODES = ("train", "analyze")
+
+
+def share_of_cores(launcher: DictConfig | None) -> int | None:
+    """Torch threads for one job: its share of the cores when a launcher runs jobs side by side.
+
+    Small matrix products split badly over threads, so parallel jobs run best with one thread
+    each rather than all of them fighting over every core. joblib's `n_jobs` (negative counts
+    back from the number of cores, as in joblib) and submitit's `cpus_per_task` decide the
+    share; the basic launcher runs one job at a time and keeps torch's default.
+    """
+    if launcher is None:
+        return None
+    if launcher.get("cpus_per_task"):
+        return int(launcher.cpus_per_task)
+    n_jobs = launcher.get("n_jobs")
+    if not n_jobs:
+        return None
+    cores = os.cpu_count() or 1
+    parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+    return max(1, cores // parallel)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seqtest.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one configuration; return the final validation loss for sweepers to minimise."""
+    hydra_cfg = HydraConfig.get()
+    if cfg.threads is None:
+        cfg.threads = share_of_cores(hydra_cfg.get("launcher"))
     try:
-        summary = run(cfg, HydraConfig.get().runtime.output_dir)
+        require_choice("mode", cfg.mode, MODES)
+        if cfg.mode == "analyze":
+            digest = analyze(cfg, hydra_cfg.runtime.output_dir)
+            rows = [{"field": key, "value": value} for key, value in digest.items()]
+            print(format_table(rows, ["field", "value"]), flush=True)
+            return digest["grad_decay_rate"]
+        summary = run(cfg, hydra_cfg.runtime.output_dir)
     except ConfigError as error:
         log.error("configuration error: %s", error)
         print(f"seqtest: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except CheckpointError as error:
+        log.error("%s", error)
+        print(f"seqtest: cannot resume: {error}", file=sys.stderr)
         sys.exit(2)
     log.info(
         "%s %s T=%s seed=%s: %s, final loss / baseline %.4g, %d steps",
@@ -38,6 +76,10 @@ def main(cfg: DictConfig) -> float:
         summary["loss_ratio"],
         summary["steps"],
     )
+    if summary["status"] == "interrupted":
+        # the conventional exit status of a process ended by a signal: 128 + its number
+        by = summary["interrupted_by"]
+        sys.exit(128 + signal.Signals[by].value if by else 1)
     return summary["final_val_loss"]
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the field, the value and what is allowed."""
+    """A configuration value is invalid; the message names the field, the value and what is
+    allowed."""
 
 
 def require(ok: bool, field: str, value: Any, allowed: str) -> None:

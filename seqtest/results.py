@@ -76,7 +76,9 @@ def find_run_dirs(root: Path) -> list[Path]:
     a metrics file or Hydra's `.hydra` record of a job."""
     root = Path(root)
     markers = (SUMMARY_FILE, METRICS_FILE, ".hydra")
-    found = [d for d in [root, *root.rglob("*")] if d.is_dir() and any((d / m).exists() for m in markers)]
+    found = [
+        d for d in [root, *root.rglob("*")] if d.is_dir() and any((d / m).exists() for m in markers)
+    ]
     return sorted(found, key=lambda d: [int(p) if p.isdigit() else p for p in d.parts])
 
 
@@ -91,6 +93,8 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
         return str(value)
 
     body = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(columns)
+    ]
     line = lambda cells: "  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, body)])

@@ -2,9 +2,15 @@
 
 Each step: sample a batch -> forward -> task loss on the scored steps -> backward -> clip the
 global gradient norm -> optimiser step. Every `eval_every` steps (and at step 0 and the last
-step) the model is evaluated on a fixed validation set. Per-step quantities are accumulated
-on the device and read only at evaluation, so the loop never waits for the device between
-evaluations.
+step) the model is evaluated on a fixed validation set; the gradient probe, when given, runs
+at the evaluations it asks for. Per-step quantities (loss, pre-clip norm, whether anything
+went non-finite) are accumulated on the device and read only at evaluation, so the loop
+never waits for the device between evaluations.
+
+The loop stops early when the task is solved (`early_stop`), when the loss or the gradient
+becomes non-finite (status "diverged"), or when `should_stop()` says so (status
+"interrupted", after a checkpoint). Checkpoints hold the whole loop state, so a resumed run
+continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -13,13 +19,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from seqtest.checkpoint import save_checkpoint
 from seqtest.errors import require, require_positive_int
 from seqtest.tasks._base import Batch, Task
+
+STATUSES = ("solved", "unsolved", "diverged", "interrupted")
 
 
 @dataclass
@@ -34,11 +44,23 @@ class TrainConfig:
     val_size: int = 1000
     val_seed: int = 1234
     progress: bool = True
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only when interrupted
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "val_size"):
             require_positive_int(f"train.{name}", getattr(self, name))
-        require(self.clip >= 0, "train.clip", self.clip, "a number >= 0 (0 disables clipping)")
+        require(
+            isinstance(self.clip, int | float) and self.clip >= 0,
+            "train.clip",
+            self.clip,
+            "a number >= 0 (0 disables clipping)",
+        )
+        require(
+            isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+            "train.checkpoint_every",
+            self.checkpoint_every,
+            "an integer >= 0 (0: checkpoint only when interrupted)",
+        )
 
 
 @dataclass
@@ -46,6 +68,10 @@ class TrainResult:
     records: list[dict] = field(default_factory=list)
     steps: int = 0
     solved_at_step: int | None = None
+    status: str = "unsolved"
+    #: For a diverged run: the first step whose loss or gradient was non-finite, and which.
+    nonfinite_step: int | None = None
+    nonfinite: str | None = None
 
 
 @torch.no_grad()
@@ -66,7 +92,10 @@ def evaluate(model: nn.Module, task: Task, batch: Batch, chunk: int = 500) -> di
         count += x.shape[0]
     model.train(was_training)
     has_metric = task.metric_name is not None
-    return {"val_loss": loss_sum / weight_sum, "val_metric": metric_sum / count if has_metric else None}
+    return {
+        "val_loss": loss_sum / weight_sum,
+        "val_metric": metric_sum / count if has_metric else None,
+    }
 
 
 def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -75,6 +104,58 @@ def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> torch.Ten
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+class _Accumulators:
+    """Per-step sums kept on the device between evaluations."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.norm = torch.zeros((), device=device)
+        self.clipped = torch.zeros((), device=device)
+        # first step with a non-finite loss / gradient norm (-1: none yet)
+        self.bad_loss_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_grad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.count = 0
+
+    def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor, clip: float) -> None:
+        self.loss += loss
+        self.norm += norm
+        if clip > 0:
+            self.clipped += (norm > clip).to(self.clipped.dtype)
+        for first, value in ((self.bad_loss_step, loss), (self.bad_grad_step, norm)):
+            first.copy_(torch.where((first < 0) & ~torch.isfinite(value), step, first))
+        self.count += 1
+
+    def nonfinite(self) -> tuple[int | None, str | None]:
+        loss_step, grad_step = int(self.bad_loss_step), int(self.bad_grad_step)
+        if loss_step < 0 and grad_step < 0:
+            return None, None
+        if loss_step >= 0 and (grad_step < 0 or loss_step <= grad_step):
+            return loss_step, "loss"
+        return grad_step, "gradient"
+
+    def means(self, clip: float) -> tuple[float | None, float | None, float | None]:
+        if self.count == 0:
+            return None, None, None
+        clipped = float(self.clipped) / self.count if clip > 0 else None
+        return float(self.loss) / self.count, float(self.norm) / self.count, clipped
+
+    def reset(self) -> None:
+        for total in (self.loss, self.norm, self.clipped):
+            total.zero_()
+        self.count = 0
+
+    def state_dict(self) -> dict:
+        names = ("loss", "norm", "clipped", "bad_loss_step", "bad_grad_step")
+        return {name: getattr(self, name).cpu() for name in names} | {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            if name == "count":
+                self.count = value
+            else:
+                getattr(self, name).copy_(value)
 
 
 def train(
@@ -86,60 +167,124 @@ def train(
     data_generator: torch.Generator,
     val_batch: Batch,
     on_eval: Callable[[dict], None] | None = None,
+    probe: Callable[[int], dict] | None = None,
+    probe_every: int = 0,
+    checkpoint_path: Path | None = None,
+    resume_from: dict | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train `model` on `task` for `config.steps` steps (fewer if solved and early_stop)."""
+    """Train `model` on `task` for `config.steps` steps (fewer if solved, diverged or stopped).
+
+    `probe(step)` runs at step 0, at every evaluation whose step is a multiple of
+    `probe_every`, and at the last evaluation; its fields join that evaluation's record.
+    `resume_from` is a checkpoint's content (see `seqtest.checkpoint`).
+    """
     parameters = [p for p in model.parameters() if p.requires_grad]
     device = val_batch.x.device
     result = TrainResult()
-    start = time.perf_counter()
+    sums = _Accumulators(device)
+    elapsed_before = 0.0
+    first_step = 1
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        data_generator.set_state(resume_from["data_generator"])
+        loop = resume_from["loop"]
+        result.records = list(loop["records"])
+        result.solved_at_step = loop["solved_at_step"]
+        result.steps = resume_from["step"]
+        sums.load_state_dict(loop["sums"])
+        elapsed_before = loop["elapsed_s"]
+        first_step = resume_from["step"] + 1
+    start = time.perf_counter() - elapsed_before
 
-    def log(step: int, train_loss, grad_norm, clipped) -> dict:
+    def checkpoint(step: int) -> None:
+        if checkpoint_path is None:
+            return
+        loop = {
+            "records": result.records,
+            "solved_at_step": result.solved_at_step,
+            "sums": sums.state_dict(),
+            "elapsed_s": time.perf_counter() - start,
+        }
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "data_generator": data_generator.get_state(),
+                "loop": loop,
+            },
+        )
+
+    def log(step: int, last: bool = False, may_probe: bool = True) -> dict:
+        """Evaluate, probe when due, record. The probe also runs at the run's last evaluation,
+        which is the one where the task is first solved when training stops early."""
+        train_loss, grad_norm, clipped = sums.means(config.clip)
         record = {"step": step, "train_loss": train_loss, **evaluate(model, task, val_batch)}
         record |= {"grad_norm": grad_norm, "clip_fraction": clipped}
+        if (
+            result.solved_at_step is None
+            and math.isfinite(record["val_loss"])
+            and task.solved(record)
+        ):
+            result.solved_at_step = step
+        stops_here = last or (config.early_stop and result.solved_at_step is not None)
+        due = step == 0 or stops_here or (probe_every and step % probe_every == 0)
+        if probe is not None and may_probe and due:
+            record |= probe(step)
         record["elapsed_s"] = time.perf_counter() - start
         result.records.append(record)
-        if result.solved_at_step is None and math.isfinite(record["val_loss"]) and task.solved(record):
-            result.solved_at_step = step
         if on_eval is not None:
             on_eval(record)
+        sums.reset()
         return record
 
-    log(0, None, None, None)
-    bar = tqdm(total=config.steps, disable=not config.progress or None, leave=False, desc="train")
-    loss_sum = torch.zeros((), device=device)
-    norm_sum = torch.zeros((), device=device)
-    clipped_sum = torch.zeros((), device=device)
-    since_eval = 0
+    if resume_from is None:
+        log(0)
+    bar = tqdm(
+        total=config.steps, initial=first_step - 1, disable=not config.progress or None,
+        leave=False, desc="train",
+    )  # fmt: skip
     model.train()
-    for step in range(1, config.steps + 1):
+    for step in range(first_step, config.steps + 1):
         x, y, mask = task.sample(config.batch_size, data_generator)
         loss = task.loss(model(x), y, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = clip_gradients(parameters, config.clip)
         optimizer.step()
-
-        loss_sum += loss.detach()
-        norm_sum += norm
-        if config.clip > 0:
-            clipped_sum += (norm > config.clip).to(clipped_sum.dtype)
-        since_eval += 1
+        sums.add(step, loss.detach(), norm.detach(), config.clip)
         result.steps = step
         bar.update()
-        if step % config.eval_every == 0 or step == config.steps:
-            record = log(
-                step,
-                float(loss_sum) / since_eval,
-                float(norm_sum) / since_eval,
-                float(clipped_sum) / since_eval if config.clip > 0 else None,
-            )
+
+        last = step == config.steps
+        evaluate_now = step % config.eval_every == 0 or last
+        checkpoint_now = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+        stop_now = should_stop is not None and should_stop()
+        if not (evaluate_now or checkpoint_now or stop_now):
+            continue
+        bad_step, what = sums.nonfinite()
+        if bad_step is not None:
+            result.status, result.nonfinite_step, result.nonfinite = "diverged", bad_step, what
+            log(step, may_probe=False)
+            break
+        if evaluate_now:
+            record = log(step, last=last)
             bar.set_postfix(
                 loss=f"{record['train_loss']:.4g}",
                 val_over_baseline=f"{record['val_loss'] / task.baseline_loss:.3g}",
             )
-            loss_sum.zero_(), norm_sum.zero_(), clipped_sum.zero_()
-            since_eval = 0
             if config.early_stop and result.solved_at_step is not None:
                 break
+        if stop_now and not last:
+            checkpoint(step)
+            result.status = "interrupted"
+            break
+        if checkpoint_now and not last:
+            checkpoint(step)
     bar.close()
+    if result.status not in ("diverged", "interrupted"):
+        result.status = "solved" if result.solved_at_step is not None else "unsolved"
     return result

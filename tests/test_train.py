@@ -32,9 +32,7 @@ def test_clipping_happens_after_backward_and_before_step():
     optimizer.step = checking_step
     g = torch.Generator().manual_seed(0)
     config = TrainConfig(steps=5, batch_size=4, eval_every=5, clip=1e-3, progress=False)
-    result = train(
-        model, task, optimizer, config, data_generator=g, val_batch=task.sample(8, g)
-    )
+    result = train(model, task, optimizer, config, data_generator=g, val_batch=task.sample(8, g))
     assert len(seen) == 5
     assert max(seen) <= 1e-3 * (1 + 1e-5)  # every step saw the clipped gradient
     assert result.records[-1]["grad_norm"] > 1e-3  # the logged norm is the pre-clip one
@@ -70,7 +68,9 @@ def test_same_seed_same_losses_different_seed_different_losses(make_cfg, tmp_pat
     b, sb = losses(1, "b")
     c, _ = losses(2, "c")
     assert a == b
-    assert sa["final_val_loss"] == sb["final_val_loss"] and sa["best_val_loss"] == sb["best_val_loss"]
+    assert (
+        sa["final_val_loss"] == sb["final_val_loss"] and sa["best_val_loss"] == sb["best_val_loss"]
+    )
     assert a != c
 
 

@@ -1,0 +1,122 @@
+"""Divergence, interruption and resume, finished-run skipping, and damaged checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from seqtest.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from seqtest.results import read_metrics, read_summary
+from seqtest.run import run
+from tests.conftest import TINY
+
+NO_PROBE = ("analysis.enabled=false",)
+
+
+def test_a_blown_up_learning_rate_ends_the_run_as_diverged(make_cfg, tmp_path):
+    cfg = make_cfg(
+        "model=rnn", "model.activation=relu", "optim=sgd", "optim.lr=1e6", "optim.momentum=0",
+        "train.clip=0", "task.length=10", "train.steps=200", "train.eval_every=50", *TINY,
+    )  # fmt: skip
+    summary = run(cfg, tmp_path)
+    assert summary["status"] == "diverged"
+    assert summary["nonfinite"] in ("loss", "gradient")
+    assert 1 <= summary["diverged_at_step"] <= summary["steps"] < 200
+    records = read_metrics(tmp_path)
+    assert records[0]["step"] == 0 and records[-1]["step"] == summary["steps"]  # metrics kept
+    assert read_summary(tmp_path)["status"] == "diverged"
+
+
+def _cfg(make_cfg, *extra):
+    return make_cfg(
+        "task=copying", "task.length=6", "train.steps=60", "train.eval_every=10",
+        "analysis.every=20", *TINY, *extra,
+    )  # fmt: skip
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(make_cfg, tmp_path, monkeypatch):
+    whole = run(_cfg(make_cfg), tmp_path / "whole")
+
+    import seqtest.run as run_module
+
+    real_train = run_module.train
+    steps_seen = {"n": 0}
+
+    def stop_after_27_steps() -> bool:  # mid-interval: step 27 of 60
+        steps_seen["n"] += 1
+        return steps_seen["n"] >= 27
+
+    def interrupted_train(*args, should_stop, **kwargs):
+        return real_train(*args, should_stop=stop_after_27_steps, **kwargs)
+
+    monkeypatch.setattr(run_module, "train", interrupted_train)
+    first = run(_cfg(make_cfg), tmp_path / "split")
+    monkeypatch.setattr(run_module, "train", real_train)
+    assert first["status"] == "interrupted" and first["steps"] == 27
+    assert (tmp_path / "split" / CHECKPOINT_FILE).exists()
+
+    resumed = run(_cfg(make_cfg, "resume=true"), tmp_path / "split")
+    assert resumed["status"] == whole["status"] and resumed["steps"] == whole["steps"]
+    for key in ("final_val_loss", "best_val_loss", "final_val_metric"):
+        assert resumed[key] == whole[key], key  # to the bit
+
+    def without_timing(records):
+        return [
+            {k: v for k, v in r.items() if k not in ("elapsed_s", "probe_seconds")} for r in records
+        ]
+
+    assert without_timing(read_metrics(tmp_path / "split")) == without_timing(
+        read_metrics(tmp_path / "whole")
+    )
+    assert resumed["gradients"] == whole["gradients"]  # earlier probes kept across the resume
+    assert not (tmp_path / "split" / CHECKPOINT_FILE).exists()  # removed once finished
+
+
+def test_resume_leaves_a_finished_run_alone(make_cfg, tmp_path):
+    first = run(_cfg(make_cfg, *NO_PROBE), tmp_path)
+    mtime = (tmp_path / "summary.json").stat().st_mtime_ns
+    again = run(_cfg(make_cfg, "resume=true", *NO_PROBE), tmp_path)
+    assert again == read_summary(tmp_path) and again["final_val_loss"] == first["final_val_loss"]
+    assert (tmp_path / "summary.json").stat().st_mtime_ns == mtime
+
+
+def test_a_damaged_checkpoint_gives_a_clear_error(make_cfg, tmp_path):
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a readable seqtest checkpoint"):
+        run(_cfg(make_cfg, "resume=true", *NO_PROBE), tmp_path)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(CheckpointError, match="not a seqtest checkpoint"):
+        load_checkpoint(tmp_path / CHECKPOINT_FILE)
+
+
+def test_sigterm_checkpoints_and_a_rerun_finishes_the_job(tmp_path):
+    """Kill a real CLI run half-way with SIGTERM, then resume it with the same command."""
+    args = [
+        sys.executable, "-m", "seqtest", "task=copying", "task.length=30", "train.steps=100000",
+        "train.eval_every=50", "analysis.enabled=false", "model.hidden_size=16",
+        "train.progress=false", f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").exists() or len(read_metrics(tmp_path)) < 3:
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "interrupted" and summary["interrupted_by"] == "SIGTERM"
+    assert 100 <= summary["steps"] < 100000
+    assert load_checkpoint(tmp_path / CHECKPOINT_FILE)["step"] == summary["steps"]
+    done = subprocess.run(
+        [*args[:5], "train.steps=" + str(summary["steps"] + 20), *args[6:], "resume=true"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    final = read_summary(tmp_path)
+    assert final["status"] in ("solved", "unsolved") and final["steps"] == summary["steps"] + 20
