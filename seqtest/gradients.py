@@ -164,9 +164,23 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def _activation(model: nn.Module) -> str:
-    name = getattr(model.config, "activation", "tanh")
-    require_choice("model.activation", name, ACTIVATIONS)
-    return name
+    return getattr(model.config, "activation", "tanh")
+
+
+def _activation_function(model: nn.Module, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The elementwise activation of a vanilla-RNN layer, in float64."""
+    name = _activation(model)
+    if name in ACTIVATIONS:
+        return ACTIVATIONS[name]
+    module = copy.deepcopy(model.layers[layer].activation).double()
+    # rows of units: a per-unit module (prelu) reads its channels from dim 1
+    return lambda pre: module(pre.reshape(-1, pre.shape[-1])).reshape(pre.shape)
+
+
+def _uses_generic_jacobian(model: nn.Module) -> bool:
+    """Normalised cells have no closed-form tangent map here: their Jacobian products are
+    taken by autograd through the layer's own step (see `_lyapunov_by_autograd`)."""
+    return getattr(model.config, "norm", "none") != "none"
 
 
 def gate_kinds(model: nn.Module) -> list[str]:
@@ -204,13 +218,19 @@ def linearise(
     if cell == "rnn":
         activation = _activation(model)
         pre = xp + F.linear(s_prev, w_hh, b_hh)
-        s_next = ACTIVATIONS[activation](pre)
+        function = _activation_function(model, layer)
+        s_next = function(pre)
         if activation == "tanh":
             slope = 1 - s_next * s_next
         elif activation == "relu":
             slope = (pre > 0).to(pre)
-        else:
+        elif activation == "linear":
             slope = torch.ones_like(pre)
+        else:  # any other elementwise activation: its derivative is the gradient of the sum
+            with torch.enable_grad():
+                leaf = pre.detach().requires_grad_(True)
+                slope = torch.autograd.grad(function(leaf).sum(), leaf)[0]
+            s_next = s_next.detach()
 
         def tangent(t: int, v: torch.Tensor) -> torch.Tensor:
             return slope[t].unsqueeze(1) * project(v)
@@ -276,6 +296,8 @@ def lyapunov_exponents(
 ) -> np.ndarray:
     """Top-k finite-time Lyapunov exponents [k'] (k' = min(k, state size)), descending, of
     one layer along the trajectory in `states`, averaged over the first `samples` samples."""
+    if _uses_generic_jacobian(model):
+        return _lyapunov_by_autograd(model, layer, x, states, k, samples)
     s_prev, xp = trajectory(model, layer, x, states, samples)
     T, S, D = s_prev.shape
     k = min(k, D)
@@ -292,6 +314,49 @@ def lyapunov_exponents(
         v = q.transpose(1, 2)
     exponents = (total / T).mean(0)
     return np.sort(exponents.cpu().numpy())[::-1].copy()
+
+
+def _lyapunov_by_autograd(
+    model: nn.Module, layer: int, x: torch.Tensor, states, k: int, samples: int
+) -> np.ndarray:
+    """The exponents of a cell without a closed-form tangent map (layer or batch norm).
+
+    The finite-time exponents of J_T ... J_1 are those of its transpose J_1^T ... J_T^T, whose
+    products are vector-Jacobian products: backpropagation through the layer's own `step`
+    (in float64, evaluation mode), from the last step to the first, with the same QR method.
+    """
+    cell = copy.deepcopy(model.layers[layer]).double().eval()
+    layer_input = _layer_inputs(model, x, states)[layer][:samples].detach().double()
+    xp = cell.project(layer_input).detach()  # [S, T, G*H]
+    h = torch.stack(states.h[layer], dim=0)[:, :samples].detach().double()  # [T, S, H]
+    lstm = model.cell == "lstm"
+    c = torch.stack(states.c[layer], dim=0)[:, :samples].detach().double() if lstm else None
+    T, S, H = h.shape
+    D = 2 * H if lstm else H
+    k = min(k, D)
+    if k == 0:
+        return np.zeros(0)
+    generator = torch.Generator().manual_seed(0)
+    q0 = torch.linalg.qr(torch.randn(D, k, generator=generator, dtype=torch.float64))[0]
+    u = q0.T.expand(S, k, D).clone()
+    total = torch.zeros(S, k, dtype=torch.float64)
+    zeros = torch.zeros(S, H, dtype=torch.float64)
+    with torch.enable_grad():
+        for t in reversed(range(T)):
+            h_prev = (h[t - 1] if t else zeros).clone().requires_grad_(True)
+            c_prev = (c[t - 1] if t and lstm else zeros).clone().requires_grad_(lstm)
+            (h_next, c_next), _ = cell.step(xp[:, t], (h_prev, c_prev), t)
+            out = torch.cat([h_next, c_next], -1) if lstm else h_next
+            wrt = [h_prev, c_prev] if lstm else [h_prev]
+            rows = []
+            for j in range(k):
+                grads = torch.autograd.grad(out, wrt, grad_outputs=u[:, j], retain_graph=True)
+                rows.append(torch.cat(grads, -1))
+            q, r = torch.linalg.qr(torch.stack(rows, 1).transpose(1, 2))
+            total += torch.diagonal(r, dim1=-2, dim2=-1).abs().log().clamp_min(LOG_FLOOR)
+            u = q.transpose(1, 2)
+    exponents = (total / T).mean(0)
+    return np.sort(exponents.numpy())[::-1].copy()
 
 
 def weight_spectra(model: nn.Module, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -317,6 +382,10 @@ def saturation(model: nn.Module, pre: list[torch.Tensor]) -> np.ndarray:
             saturated = (s < 0.01) | (s > 0.99)
         elif kind == "relu":
             saturated = torch.relu(block) == 0
+        elif kind in ("leaky_relu", "prelu"):  # only the small negative slope passes
+            saturated = block < 0
+        elif kind == "elu":  # derivative exp(pre) below 0.01
+            saturated = block < math.log(0.01)
         else:  # linear: never saturates
             saturated = torch.zeros_like(block, dtype=torch.bool)
         fractions.append(float(saturated.double().mean()))
@@ -467,7 +536,11 @@ def _probe(model, task: Task, batch: Batch, config: AnalysisConfig, dtype: torch
     loss = task.loss(output, batch.y, batch.mask)
 
     is_lstm = model.cell == "lstm"
-    layer_params = [list(model.layer_weights(layer)) for layer in range(L)]
+    is_mlp = model.cell == "mlp"  # depth plays the part of time: one "layer" of L steps
+    if is_mlp:
+        layer_params = [list(linear.parameters()) for linear in model.linears]
+    else:
+        layer_params = [list(model.layer_weights(layer)) for layer in range(L)]
     in_layers = {id(p) for ps in layer_params for p in ps}
     other_params = [p for p in model.parameters() if id(p) not in in_layers]
     param_groups = [*layer_params, other_params]
@@ -487,6 +560,8 @@ def _probe(model, task: Task, batch: Batch, config: AnalysisConfig, dtype: torch
     mask = batch.mask
     scored_columns = mask.any(0).nonzero()
     scored_step = int(scored_columns[0]) if len(scored_columns) else T - 1
+    if is_mlp:  # the loss reads the last hidden layer; the fit runs over the ones below it
+        scored_step = T - 1
 
     result: dict[str, Any] = {"loss": float(loss.detach()), "scored_step": scored_step}
     result["cell"] = model.cell
@@ -530,6 +605,15 @@ def _probe(model, task: Task, batch: Batch, config: AnalysisConfig, dtype: torch
         return float(row_norms(torch.cat(gs, dim=1))[0]) if gs else 0.0
 
     result["weight_grad"] = np.array([group_norm(ps) for ps in param_groups])
+
+    if is_mlp:  # no recurrent matrix, no state-to-state Jacobian
+        nan = np.full((L, 1), np.nan)
+        result["gate_spectral_radius"] = result["gate_max_singular"] = nan
+        result["spectral_radius"] = result["max_singular"] = nan[:, 0].copy()
+        result["gate_saturation"] = np.stack([saturation(model, states.pre[0])])
+        result["saturation"] = result["gate_saturation"].mean(-1)
+        result["lyapunov"] = np.full((L, config.lyapunov_k), np.nan)
+        return result
 
     spectra = [weight_spectra(model, layer) for layer in range(L)]
     block = candidate_block(model.cell)

@@ -1,15 +1,21 @@
-"""Recurrent models behind one interface: vanilla RNN, LSTM and GRU with a linear readout at
-every step.
+"""Recurrent models behind one interface (vanilla RNN, LSTM, GRU, with a linear readout at
+every step) and a deep feedforward baseline.
+
+Every cause and remedy of vanishing gradients is a field of `ModelConfig`: the RNN's
+activation, the initialisation of input and recurrent weights, the LSTM's forget-gate bias,
+layer or recurrent batch normalisation, depth and residual connections.
 
 Two forward paths share the same parameters:
 
-* ``forward(x)`` runs PyTorch's fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` kernels: the fast
-  path used for training.
-* ``forward_unrolled(x)`` runs the same cell equations one step at a time in Python and
-  returns every per-step state that the next step consumes. The gradient of the loss with
-  respect to those tensors is the *total* derivative dL/dh_t through the recurrence. (The
-  gradient of the fused module's output holds only the direct term: the recurrence runs
-  inside the kernel and never touches it.) This is the path the gradient analysis uses.
+* ``forward(x)`` is the training path. Plain cells (tanh/relu RNN, LSTM, GRU, no
+  normalisation) run PyTorch's fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` kernels; the other
+  variants run their own step in a loop over the steps, with the input projection of all
+  steps computed in one matrix product first.
+* ``forward_unrolled(x)`` runs the cell equations one step at a time and returns every
+  per-step state that the next step consumes. The gradient of the loss with respect to those
+  tensors is the *total* derivative dL/dh_t through the recurrence. (The gradient of the
+  fused module's output holds only the direct term: the recurrence runs inside the kernel and
+  never touches it.) This is the path the gradient analysis uses.
 
 Shapes are batch-first: x [B, T, input_size] -> output [B, T, output_size].
 """
@@ -22,10 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqtest.errors import require, require_choice, require_positive_int
+from seqtest.errors import ConfigError, require, require_choice, require_positive_int
+from seqtest.init import check_scheme, init_gate_blocks
 
-CELLS = ("rnn", "lstm", "gru")
-ACTIVATIONS = ("tanh", "relu")
+CELLS = ("rnn", "lstm", "gru", "mlp")
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+ACTIVATIONS = ("tanh", "sigmoid", "relu", "leaky_relu", "elu", "prelu")
+FUSED_ACTIVATIONS = ("tanh", "relu")  # what nn.RNN runs itself
+NORMS = ("none", "layer", "batch")
 
 
 @dataclass
@@ -35,8 +45,16 @@ class ModelConfig:
     cell: str = "lstm"
     hidden_size: int = 128
     num_layers: int = 1
-    activation: str = "tanh"  # vanilla RNN only
-    forget_bias: float = 1.0  # LSTM only: initial forget-gate bias (b_ih + b_hh)
+    activation: str = "tanh"  # vanilla RNN and MLP
+    leaky_slope: float = 0.01  # leaky_relu's slope; prelu's initial slope
+    forget_bias: float = 1.0  # LSTM: initial forget-gate bias (b_ih + b_hh)
+    init_input: str = "default"  # scheme for input weights (seqtest.init)
+    init_recurrent: str = "default"  # scheme for recurrent weights
+    init_gain: float = 1.0  # gain of xavier / orthogonal / identity
+    init_std: float = 0.01  # std of `normal`
+    norm: str = "none"  # none | layer (Ba et al. 2016) | batch (Cooijmans et al. 2016)
+    bn_max_steps: int = 1000  # recurrent batch norm: per-step statistics up to here
+    residual: bool = False  # add each layer's input to its output (layers 2..L)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -45,11 +63,88 @@ class ModelConfig:
         require_positive_int("model.num_layers", self.num_layers)
         require_choice("model.activation", self.activation, ACTIVATIONS)
         require(
-            self.cell == "rnn" or self.activation == "tanh",
+            self.cell in ("rnn", "mlp") or self.activation == "tanh",
             "model.activation",
             self.activation,
-            f"tanh for cell {self.cell!r} (only the vanilla RNN takes another activation)",
+            f"tanh for cell {self.cell!r} (only the vanilla RNN and the MLP take another)",
         )
+        require(
+            isinstance(self.leaky_slope, int | float) and 0 <= self.leaky_slope < 1,
+            "model.leaky_slope",
+            self.leaky_slope,
+            "a number in [0, 1)",
+        )
+        require(
+            isinstance(self.forget_bias, int | float),
+            "model.forget_bias",
+            self.forget_bias,
+            "a number",
+        )
+        check_scheme("model.init_input", self.init_input, self.init_gain, self.init_std)
+        check_scheme("model.init_recurrent", self.init_recurrent, self.init_gain, self.init_std)
+        require_choice("model.norm", self.norm, NORMS)
+        require(
+            self.norm == "none" or self.cell in ("rnn", "lstm") or self.norm == "batch",
+            "model.norm",
+            self.norm,
+            f"none or batch for cell {self.cell!r} (layer norm: rnn and lstm)",
+        )
+        require(
+            self.norm == "none" or self.cell != "gru",
+            "model.norm",
+            self.norm,
+            "none for cell 'gru' (normalisation is built for rnn and lstm)",
+        )
+        require_positive_int("model.bn_max_steps", self.bn_max_steps)
+        require(isinstance(self.residual, bool), "model.residual", self.residual, "true or false")
+
+    @property
+    def fused(self) -> bool:
+        """Whether PyTorch's fused kernel computes this cell exactly."""
+        plain_activation = self.cell != "rnn" or self.activation in FUSED_ACTIVATIONS
+        return self.cell != "mlp" and self.norm == "none" and plain_activation
+
+
+def activation_function(name: str, slope: float, width: int) -> nn.Module:
+    """The activation as a module (prelu has a learnable slope per unit)."""
+    return {
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+        "relu": nn.ReLU,
+        "leaky_relu": lambda: nn.LeakyReLU(slope),
+        "elu": nn.ELU,
+        "prelu": lambda: nn.PReLU(width, init=slope if slope > 0 else 0.25),
+    }[name]()
+
+
+class StepBatchNorm(nn.Module):
+    """Recurrent batch normalisation (Cooijmans et al. 2016): separate statistics for each time
+    step up to `max_steps` (steps beyond share the last), one gamma and beta for all steps,
+    gamma initialised to 0.1. Training uses the batch's statistics and updates the step's
+    running estimates; evaluation uses the running estimates."""
+
+    def __init__(self, width: int, max_steps: int, beta: bool = False, momentum: float = 0.1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((width,), 0.1))
+        self.bias = nn.Parameter(torch.zeros(width)) if beta else None
+        self.momentum = momentum
+        self.eps = 1e-5
+        self.register_buffer("running_mean", torch.zeros(max_steps, width))
+        self.register_buffer("running_var", torch.ones(max_steps, width))
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        t = min(step, self.running_mean.shape[0] - 1)
+        if self.training:
+            mean, var = x.mean(0), x.var(0, unbiased=False)
+            with torch.no_grad():
+                n = x.shape[0]
+                unbiased = var * n / max(n - 1, 1)
+                self.running_mean[t].lerp_(mean.detach(), self.momentum)
+                self.running_var[t].lerp_(unbiased.detach(), self.momentum)
+        else:
+            mean, var = self.running_mean[t], self.running_var[t]
+        out = (x - mean) * torch.rsqrt(var + self.eps) * self.weight
+        return out + self.bias if self.bias is not None else out
 
 
 @dataclass
@@ -67,27 +162,124 @@ class States:
     pre: list[list[torch.Tensor]] = field(default_factory=list)
 
 
+class RecurrentLayer(nn.Module):
+    """One recurrent layer. Its weights live in a one-layer ``nn.RNN/LSTM/GRU`` (PyTorch's
+    layout and gate order), which also runs the fused path when the cell is plain."""
+
+    def __init__(self, config: ModelConfig, input_size: int) -> None:
+        super().__init__()
+        self.config = config
+        cell, H = config.cell, config.hidden_size
+        kind = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        extra = {}
+        if cell == "rnn":
+            fused_ok = config.activation in FUSED_ACTIVATIONS
+            extra = {"nonlinearity": config.activation if fused_ok else "tanh"}
+        self.fused = kind(input_size, H, batch_first=True, **extra)
+        self.activation = activation_function(config.activation, config.leaky_slope, H)
+        G = GATES[cell]
+        if config.norm == "layer":
+            if cell == "lstm":  # Ba et al. 2016: LN(W_h h) + LN(W_x x) + b; h = o tanh(LN(c))
+                self.norm_h, self.norm_x, self.norm_c = (nn.LayerNorm(n) for n in (G * H, G * H, H))
+            else:  # h = f(LN(W_h h + W_x x + b))
+                self.norm_pre = nn.LayerNorm(H)
+        elif config.norm == "batch":  # BN(W_h h) + BN(W_x x) + b (LSTM: h = o tanh(BN(c)))
+            self.norm_h = StepBatchNorm(G * H, config.bn_max_steps)
+            self.norm_x = StepBatchNorm(G * H, config.bn_max_steps)
+            if cell == "lstm":
+                self.norm_c = StepBatchNorm(H, config.bn_max_steps, beta=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        config, G = self.config, GATES[self.config.cell]
+        w_ih, w_hh, b_ih, b_hh = self.weights()
+        init_gate_blocks(w_ih.data, G, config.init_input, config.init_gain, config.init_std)
+        init_gate_blocks(w_hh.data, G, config.init_recurrent, config.init_gain, config.init_std)
+        if config.cell == "lstm":
+            H = config.hidden_size
+            with torch.no_grad():
+                b_ih[H : 2 * H].fill_(config.forget_bias)
+                b_hh[H : 2 * H].zero_()
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_ih, W_hh, b_ih, b_hh) in PyTorch's gate order."""
+        f = self.fused
+        return f.weight_ih_l0, f.weight_hh_l0, f.bias_ih_l0, f.bias_hh_l0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, in] -> hidden states [B, T, H]."""
+        if self.config.fused:
+            return self.fused(x)[0]
+        hs, _, _ = self.unroll(x)
+        return torch.stack(hs, dim=1)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The input projection of every step at once, [B, T, G*H]: W_ih x (+ b_ih when the
+        cell has no normalisation; with one, the biases are added after normalising)."""
+        w_ih, _, b_ih, _ = self.weights()
+        return F.linear(x, w_ih, b_ih if self.config.norm == "none" else None)
+
+    def unroll(self, x: torch.Tensor):
+        """Run the steps one at a time: (h list, c list (LSTM), pre-activation list)."""
+        projected = self.project(x)
+        B, H = x.shape[0], self.config.hidden_size
+        state = (x.new_zeros(B, H), x.new_zeros(B, H))
+        hs, cs, pres = [], [], []
+        for t, xp in enumerate(projected.unbind(1)):
+            state, pre = self.step(xp, state, t)
+            hs.append(state[0])
+            if self.config.cell == "lstm":
+                cs.append(state[1])
+            pres.append(pre)
+        return hs, cs, pres
+
+    def step(self, xp: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], t: int):
+        """One step. `xp` is W_ih x_t, plus b_ih when the cell has no normalisation (with one,
+        both biases are added after normalising); `state` is (h, c) (c is used by the LSTM
+        alone). Returns the new state and the step's pre-activations [B, G*H]."""
+        config = self.config
+        _, w_hh, b_ih, b_hh = self.weights()
+        h, c = state
+        norm = config.norm
+        if norm == "batch":
+            hp = self.norm_h(F.linear(h, w_hh), t) + self.norm_x(xp, t) + b_ih + b_hh
+        elif norm == "layer" and config.cell == "lstm":
+            hp = self.norm_h(F.linear(h, w_hh)) + self.norm_x(xp) + b_ih + b_hh
+        elif norm == "layer":
+            hp = xp + F.linear(h, w_hh, b_hh) + b_ih
+        else:
+            hp = xp + F.linear(h, w_hh, b_hh)
+        if config.cell == "rnn":
+            pre = self.norm_pre(hp) if norm == "layer" else hp
+            return (self.activation(pre), c), pre
+        if config.cell == "lstm":
+            i, f, g, o = hp.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            c_out = c
+            if norm == "layer":
+                c_out = self.norm_c(c)
+            elif norm == "batch":
+                c_out = self.norm_c(c, t)
+            return (torch.sigmoid(o) * torch.tanh(c_out), c), hp
+        # gru: the n gate sees r * (W_hn h + b_hn), so it needs the two projections apart
+        x_r, x_z, x_n = xp.chunk(3, dim=-1)
+        h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=-1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n_pre = x_n + r * h_n
+        h = (1 - z) * torch.tanh(n_pre) + z * h
+        return (h, c), torch.cat([x_r + h_r, x_z + h_z, n_pre], dim=-1)
+
+
 class RecurrentModel(nn.Module):
     """A stack of recurrent layers and a linear readout applied at every step."""
 
     def __init__(self, config: ModelConfig, input_size: int, output_size: int) -> None:
         super().__init__()
         self.config = config
-        kind = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[config.cell]
-        extra = {"nonlinearity": config.activation} if config.cell == "rnn" else {}
-        self.rnn = kind(
-            input_size, config.hidden_size, num_layers=config.num_layers, batch_first=True, **extra
-        )
+        sizes = [input_size] + [config.hidden_size] * (config.num_layers - 1)
+        self.layers = nn.ModuleList(RecurrentLayer(config, size) for size in sizes)
         self.readout = nn.Linear(config.hidden_size, output_size)
-        if config.cell == "lstm":
-            self._set_forget_bias(config.forget_bias)
-
-    def _set_forget_bias(self, value: float) -> None:
-        H = self.config.hidden_size
-        with torch.no_grad():
-            for layer in range(self.config.num_layers):
-                getattr(self.rnn, f"bias_ih_l{layer}")[H : 2 * H].fill_(value)
-                getattr(self.rnn, f"bias_hh_l{layer}")[H : 2 * H].zero_()
 
     @property
     def cell(self) -> str:
@@ -99,68 +291,110 @@ class RecurrentModel(nn.Module):
 
     def layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
         """(W_ih, W_hh, b_ih, b_hh) of one layer, in PyTorch's gate order."""
-        return tuple(
-            getattr(self.rnn, f"{name}_l{layer}")
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        )
+        return self.layers[layer].weights()
 
     def recurrent_weight(self, layer: int) -> torch.Tensor:
-        return getattr(self.rnn, f"weight_hh_l{layer}")
+        return self.layers[layer].weights()[1]
+
+    def _residual(self, layer: int, layer_input: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + layer_input if self.config.residual and layer > 0 else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.rnn(x)
+        hidden = x
+        for index, layer in enumerate(self.layers):
+            hidden = self._residual(index, hidden, layer(hidden))
         return self.readout(hidden)
 
     def forward_unrolled(self, x: torch.Tensor) -> tuple[torch.Tensor, States]:
         """The same function as `forward`, one step at a time, returning every state."""
         states = States()
-        layer_input = x
-        for layer in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh = self.layer_weights(layer)
-            projected = F.linear(layer_input, w_ih, b_ih)  # [B, T, G*H], all steps at once
-            hs, cs, pres = self._unroll_layer(projected, w_hh, b_hh)
+        hidden = x
+        for index, layer in enumerate(self.layers):
+            hs, cs, pres = layer.unroll(hidden)
             states.h.append(hs)
             states.pre.append(pres)
             if cs:
                 states.c.append(cs)
-            layer_input = torch.stack(hs, dim=1)
-        return self.readout(layer_input), states
+            hidden = self._residual(index, hidden, torch.stack(hs, dim=1))
+        return self.readout(hidden), states
 
-    def _unroll_layer(self, projected: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor):
-        B, H = projected.shape[0], self.config.hidden_size
-        h = projected.new_zeros(B, H)
-        c = projected.new_zeros(B, H)
-        hs: list[torch.Tensor] = []
-        cs: list[torch.Tensor] = []
-        pres: list[torch.Tensor] = []
-        for xp in projected.unbind(1):
-            hp = F.linear(h, w_hh, b_hh)
-            if self.cell == "rnn":
-                pre = xp + hp
-                h = torch.tanh(pre) if self.config.activation == "tanh" else torch.relu(pre)
-            elif self.cell == "lstm":
-                pre = xp + hp
-                i, f, g, o = pre.chunk(4, dim=-1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                cs.append(c)
-            else:  # gru
-                x_r, x_z, x_n = xp.chunk(3, dim=-1)
-                h_r, h_z, h_n = hp.chunk(3, dim=-1)
-                r = torch.sigmoid(x_r + h_r)
-                z = torch.sigmoid(x_z + h_z)
-                n = torch.tanh(x_n + r * h_n)
-                h = (1 - z) * n + z * h
-                pre = torch.cat([x_r + h_r, x_z + h_z, x_n + r * h_n], dim=-1)
-            hs.append(h)
+
+class FeedforwardModel(nn.Module):
+    """The deep feedforward baseline: the whole sequence, flattened, through `num_layers`
+    hidden layers (Linear -> [batch norm] -> activation) to the task's output at the last step.
+
+    Depth plays the part of time: ``forward_unrolled`` returns the activation a_l of every
+    hidden layer as ``States.h[0][l]``, so the gradient analysis measures ||dL/da_l|| per layer
+    and fits its decay over depth. Only tasks scored at the last step alone fit it.
+    """
+
+    cell = "mlp"
+
+    def __init__(self, config: ModelConfig, input_size: int, output_size: int, seq_len: int):
+        super().__init__()
+        self.config = config
+        self.seq_len = seq_len
+        H = config.hidden_size
+        sizes = [input_size * seq_len] + [H] * config.num_layers
+        pairs = zip(sizes[:-1], sizes[1:], strict=True)
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in pairs)
+        self.norms = nn.ModuleList(
+            nn.BatchNorm1d(H) if config.norm == "batch" else nn.Identity() for _ in self.linears
+        )
+        self.activations = nn.ModuleList(
+            activation_function(config.activation, config.leaky_slope, H) for _ in self.linears
+        )
+        self.readout = nn.Linear(H, output_size)
+        # the first layer takes the input scheme, the square hidden-to-hidden ones the
+        # recurrent scheme: the depth analogue of input and recurrent weights
+        for index, linear in enumerate(self.linears):
+            scheme = config.init_input if index == 0 else config.init_recurrent
+            init_gate_blocks(linear.weight.data, 1, scheme, config.init_gain, config.init_std)
+
+    @property
+    def num_layers(self) -> int:
+        return 1  # one "layer" whose "steps" are the hidden layers
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.shape[1] != self.seq_len:
+            raise ConfigError(
+                f"model=mlp reads sequences of exactly {self.seq_len} steps; got {x.shape[1]}"
+            )
+
+    def _output(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape[0], x.shape[1], self.readout.out_features)
+        return torch.cat([out[:, :-1], self.readout(last).unsqueeze(1)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_unrolled(x)[0]
+
+    def forward_unrolled(self, x: torch.Tensor) -> tuple[torch.Tensor, States]:
+        self._check(x)
+        a = x.flatten(1)
+        hs, pres = [], []
+        for linear, norm, activation in zip(
+            self.linears, self.norms, self.activations, strict=True
+        ):
+            pre = norm(linear(a))
+            a = activation(pre)
+            hs.append(a)
             pres.append(pre)
-        return hs, cs, pres
+        return self._output(x, a), States(h=[hs], pre=[pres])
+
+    def recurrent_weight(self, layer: int) -> None:
+        return None
 
 
-def build_model(config: ModelConfig | dict, input_size: int, output_size: int) -> RecurrentModel:
-    """Build the model a `model/` config describes, sized for a task's inputs and outputs."""
+def build_model(
+    config: ModelConfig | dict, input_size: int, output_size: int, seq_len: int | None = None
+) -> nn.Module:
+    """Build the model a `model/` config describes, sized for a task's inputs and outputs
+    (the feedforward baseline also needs the sequence length)."""
     if not isinstance(config, ModelConfig):
         config = ModelConfig(**dict(config))
+    if config.cell == "mlp":
+        require(seq_len is not None, "model.cell", "mlp", "a task with a fixed sequence length")
+        return FeedforwardModel(config, input_size, output_size, seq_len)
     return RecurrentModel(config, input_size, output_size)
 
 

@@ -103,9 +103,12 @@ class Setup:
         configure_torch(cfg.get("threads"))
 
         torch.manual_seed(derived_seed(cfg.seed, "init"))
-        self.model = build_model(self.model_config, self.task.input_size, self.task.output_size).to(
-            self.device
-        )
+        if self.model_config.cell == "mlp":
+            check_last_step_task(self.task)
+        task = self.task
+        self.model = build_model(
+            self.model_config, task.input_size, task.output_size, task.seq_len
+        ).to(self.device)
         self.optimizer = instantiate_checked(cfg.optim)(self.model.parameters())
         # validation set and gradient-probe batch: fixed, from their own generator
         val_generator = torch.Generator(self.device).manual_seed(self.train_config.val_seed)
@@ -114,6 +117,19 @@ class Setup:
         self.data_generator = torch.Generator(self.device).manual_seed(
             derived_seed(cfg.seed, "data")
         )
+
+
+def check_last_step_task(task: Task) -> None:
+    """The feedforward baseline answers once, at the last step: the task must score nothing
+    else."""
+    mask = task.sample(8, torch.Generator().manual_seed(0)).mask
+    require(
+        not bool(mask[:, :-1].any()),
+        "model",
+        "mlp",
+        f"a task scored at the last step only (task {task.name!r} scores "
+        f"{int(mask.any(0).sum())} of its {mask.shape[1]} steps); use rnn, lstm or gru",
+    )
 
 
 def summarise(setup: Setup, result: TrainResult, wall_time: float) -> dict:

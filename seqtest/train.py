@@ -26,10 +26,11 @@ from torch import nn
 from tqdm import tqdm
 
 from seqtest.checkpoint import save_checkpoint
-from seqtest.errors import require, require_positive_int
+from seqtest.errors import require, require_choice, require_positive_int
 from seqtest.tasks._base import Batch, Task
 
 STATUSES = ("solved", "unsolved", "diverged", "interrupted")
+CLIP_MODES = ("norm", "value", "none")
 
 
 @dataclass
@@ -39,7 +40,8 @@ class TrainConfig:
     steps: int = 3000
     batch_size: int = 64
     eval_every: int = 100
-    clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    clip: float = 1.0  # threshold: max global gradient norm (norm) or max |gradient| (value)
+    clip_mode: str = "norm"  # norm | value | none
     early_stop: bool = True
     val_size: int = 1000
     val_seed: int = 1234
@@ -55,6 +57,11 @@ class TrainConfig:
             self.clip,
             "a number >= 0 (0 disables clipping)",
         )
+        require_choice("train.clip_mode", self.clip_mode, CLIP_MODES)
+
+    @property
+    def clipping(self) -> bool:
+        return self.clip_mode != "none" and self.clip > 0
         require(
             isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
             "train.checkpoint_every",
@@ -98,12 +105,26 @@ def evaluate(model: nn.Module, task: Task, batch: Batch, chunk: int = 500) -> di
     }
 
 
-def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Return the global gradient norm before clipping; scale gradients down to `max_norm`
-    when it is exceeded (max_norm = 0: measure only)."""
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+def clip_gradients(
+    parameters: list[torch.Tensor], threshold: float, mode: str = "norm"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the gradients in place and return (the global norm before clipping, whether this
+    step was clipped). `norm` rescales all gradients so their global norm is at most
+    `threshold`; `value` clamps every entry to [-threshold, threshold]; `none` (or a
+    threshold of 0) only measures."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if mode == "none" or threshold <= 0:
+        return norm, torch.zeros((), dtype=torch.bool, device=norm.device)
+    if mode == "norm":  # the same scaling as torch.nn.utils.clip_grad_norm_
+        scale = (threshold / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale)
+        return norm, norm > threshold
+    largest = torch.stack([g.abs().max() for g in grads]).max()
+    for g in grads:
+        g.clamp_(-threshold, threshold)
+    return norm, largest > threshold
 
 
 class _Accumulators:
@@ -118,11 +139,10 @@ class _Accumulators:
         self.bad_grad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.count = 0
 
-    def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor, clip: float) -> None:
+    def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor, clipped: torch.Tensor) -> None:
         self.loss += loss
         self.norm += norm
-        if clip > 0:
-            self.clipped += (norm > clip).to(self.clipped.dtype)
+        self.clipped += clipped.to(self.clipped.dtype)
         for first, value in ((self.bad_loss_step, loss), (self.bad_grad_step, norm)):
             first.copy_(torch.where((first < 0) & ~torch.isfinite(value), step, first))
         self.count += 1
@@ -135,10 +155,10 @@ class _Accumulators:
             return loss_step, "loss"
         return grad_step, "gradient"
 
-    def means(self, clip: float) -> tuple[float | None, float | None, float | None]:
+    def means(self, clipping: bool) -> tuple[float | None, float | None, float | None]:
         if self.count == 0:
             return None, None, None
-        clipped = float(self.clipped) / self.count if clip > 0 else None
+        clipped = float(self.clipped) / self.count if clipping else None
         return float(self.loss) / self.count, float(self.norm) / self.count, clipped
 
     def reset(self) -> None:
@@ -221,7 +241,7 @@ def train(
     def log(step: int, last: bool = False, may_probe: bool = True) -> dict:
         """Evaluate, probe when due, record. The probe also runs at the run's last evaluation,
         which is the one where the task is first solved when training stops early."""
-        train_loss, grad_norm, clipped = sums.means(config.clip)
+        train_loss, grad_norm, clipped = sums.means(config.clipping)
         record = {"step": step, "train_loss": train_loss, **evaluate(model, task, val_batch)}
         record |= {"grad_norm": grad_norm, "clip_fraction": clipped}
         if (
@@ -253,9 +273,9 @@ def train(
         loss = task.loss(model(x), y, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norm = clip_gradients(parameters, config.clip)
+        norm, clipped = clip_gradients(parameters, config.clip, config.clip_mode)
         optimizer.step()
-        sums.add(step, loss.detach(), norm.detach(), config.clip)
+        sums.add(step, loss.detach(), norm.detach(), clipped)
         result.steps = step
         bar.update()
 

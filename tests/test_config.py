@@ -45,7 +45,7 @@ def test_every_model_config_builds(make_cfg, model):
     cfg = make_cfg(f"model={model}")
     config = ModelConfig(**OmegaConf.to_container(cfg.model))
     assert config.name == model
-    build_model(config, 2, 1)
+    build_model(config, 2, 1, seq_len=5)
 
 
 @pytest.mark.parametrize("optim", options("optim"))
