@@ -44,6 +44,7 @@ class CopyingTask(Task):
 
     loss_kind = "cross_entropy"
     metric_name = "recall_accuracy"
+    baseline_formula = "S ln K / (T + 2S): ln K at each of the S recall steps, 0 elsewhere"
 
     def __post_init__(self) -> None:
         require_positive_int("task.length", self.length)

@@ -1,0 +1,30 @@
+"""Small pieces shared by several task files (not a task: files starting with `_` are not
+scanned by the registry)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_accuracy(output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of scored (sample, step) pairs whose arg-max class equals the target.
+
+    Every task that uses it scores the same number of steps in every sequence, so this is
+    also the mean over sequences of their per-sequence accuracy."""
+    correct = (output.argmax(-1) == y) & mask
+    return correct.sum().float() / mask.sum()
+
+
+def last_step_mask(batch_size: int, T: int, device: torch.device) -> torch.Tensor:
+    """Bool [batch_size, T], True at the last step only."""
+    mask = torch.zeros(batch_size, T, dtype=torch.bool, device=device)
+    mask[:, -1] = True
+    return mask
+
+
+def distinct_sorted_positions(
+    batch_size: int, n: int, k: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Long [batch_size, k]: for each row a uniformly random k-subset of range(n), ascending."""
+    keys = torch.rand(batch_size, n, generator=generator, device=generator.device)
+    return keys.argsort(dim=1)[:, :k].sort(dim=1).values
