@@ -133,18 +133,40 @@ class StepBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(max_steps, width))
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        t = min(step, self.running_mean.shape[0] - 1)
+        """Normalise one step, x [B, F]."""
+        return self.forward_sequence(x.unsqueeze(1), first_step=step).squeeze(1)
+
+    def forward_sequence(self, x: torch.Tensor, first_step: int = 0) -> torch.Tensor:
+        """Normalise consecutive steps at once, x [B, T, F] (each step by its own statistics)."""
         if self.training:
-            mean, var = x.mean(0), x.var(0, unbiased=False)
-            with torch.no_grad():
-                n = x.shape[0]
-                unbiased = var * n / max(n - 1, 1)
-                self.running_mean[t].lerp_(mean.detach(), self.momentum)
-                self.running_var[t].lerp_(unbiased.detach(), self.momentum)
+            # mean and centred square (var_mean over the batch dimension is many times slower)
+            mean = x.mean(0)
+            centred = x - mean
+            var = centred.square().mean(0)
+            n = x.shape[0]
+            self._update(first_step, mean.detach(), var.detach() * (n / max(n - 1, 1)))
         else:
-            mean, var = self.running_mean[t], self.running_var[t]
-        out = (x - mean) * torch.rsqrt(var + self.eps) * self.weight
+            last = self.running_mean.shape[0] - 1
+            slots = torch.arange(first_step, first_step + x.shape[1], device=x.device)
+            slots = slots.clamp(max=last)
+            var = self.running_var[slots]
+            centred = x - self.running_mean[slots]
+        out = centred * (torch.rsqrt(var + self.eps) * self.weight)
         return out + self.bias if self.bias is not None else out
+
+    @torch.no_grad()
+    def _update(self, first_step: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Move the running estimates of steps first_step.. towards the batch's, in step order:
+        steps below the last slot each own theirs; the rest update the last slot in turn."""
+        last = self.running_mean.shape[0] - 1
+        own = max(0, min(mean.shape[0], last - first_step))
+        if own:
+            window = slice(first_step, first_step + own)
+            self.running_mean[window].lerp_(mean[:own], self.momentum)
+            self.running_var[window].lerp_(var[:own], self.momentum)
+        for t in range(own, mean.shape[0]):
+            self.running_mean[last].lerp_(mean[t], self.momentum)
+            self.running_var[last].lerp_(var[t], self.momentum)
 
 
 @dataclass
@@ -214,10 +236,19 @@ class RecurrentLayer(nn.Module):
         return torch.stack(hs, dim=1)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """The input projection of every step at once, [B, T, G*H]: W_ih x (+ b_ih when the
-        cell has no normalisation; with one, the biases are added after normalising)."""
-        w_ih, _, b_ih, _ = self.weights()
-        return F.linear(x, w_ih, b_ih if self.config.norm == "none" else None)
+        """The input term of every step at once, [B, T, G*H]: W_ih x + b_ih for plain cells;
+        for normalised ones the normalised W_ih x (the per-step statistics of batch norm are
+        over the batch, so all steps can be normalised together) plus both biases."""
+        w_ih, _, b_ih, b_hh = self.weights()
+        norm = self.config.norm
+        if norm == "none":
+            return F.linear(x, w_ih, b_ih)
+        projected = F.linear(x, w_ih)
+        if norm == "batch":
+            projected = self.norm_x.forward_sequence(projected)
+        elif self.config.cell == "lstm":
+            projected = self.norm_x(projected)
+        return projected + (b_ih + b_hh)
 
     def unroll(self, x: torch.Tensor):
         """Run the steps one at a time: (h list, c list (LSTM), pre-activation list)."""
@@ -234,19 +265,19 @@ class RecurrentLayer(nn.Module):
         return hs, cs, pres
 
     def step(self, xp: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], t: int):
-        """One step. `xp` is W_ih x_t, plus b_ih when the cell has no normalisation (with one,
-        both biases are added after normalising); `state` is (h, c) (c is used by the LSTM
-        alone). Returns the new state and the step's pre-activations [B, G*H]."""
+        """One step. `xp` is the step's input term from `project`; `state` is (h, c) (c is
+        used by the LSTM alone). Returns the new state and the step's pre-activations [B, G*H].
+        """
         config = self.config
-        _, w_hh, b_ih, b_hh = self.weights()
+        _, w_hh, _, b_hh = self.weights()
         h, c = state
         norm = config.norm
         if norm == "batch":
-            hp = self.norm_h(F.linear(h, w_hh), t) + self.norm_x(xp, t) + b_ih + b_hh
+            hp = self.norm_h(F.linear(h, w_hh), t) + xp
         elif norm == "layer" and config.cell == "lstm":
-            hp = self.norm_h(F.linear(h, w_hh)) + self.norm_x(xp) + b_ih + b_hh
+            hp = self.norm_h(F.linear(h, w_hh)) + xp
         elif norm == "layer":
-            hp = xp + F.linear(h, w_hh, b_hh) + b_ih
+            hp = xp + F.linear(h, w_hh)
         else:
             hp = xp + F.linear(h, w_hh, b_hh)
         if config.cell == "rnn":
