@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqtest.errors import require, require_choice
+from seqtest.errors import require
 
 SCHEMES = (
     "default",
@@ -32,12 +32,6 @@ SCHEMES = (
     "identity",
     "normal",
 )
-
-
-def check_scheme(field: str, scheme: str, gain: float, std: float) -> None:
-    require_choice(field, scheme, SCHEMES)
-    require(gain > 0, f"{field}_gain", gain, "a positive number")
-    require(std > 0, f"{field}_std", std, "a positive number")
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqtest.errors import ConfigError, require, require_choice, require_positive_int
-from seqtest.init import check_scheme, init_gate_blocks
+from seqtest.init import SCHEMES, init_gate_blocks
 
 CELLS = ("rnn", "lstm", "gru", "mlp")
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
@@ -80,8 +80,12 @@ class ModelConfig:
             self.forget_bias,
             "a number",
         )
-        check_scheme("model.init_input", self.init_input, self.init_gain, self.init_std)
-        check_scheme("model.init_recurrent", self.init_recurrent, self.init_gain, self.init_std)
+        require_choice("model.init_input", self.init_input, SCHEMES)
+        require_choice("model.init_recurrent", self.init_recurrent, SCHEMES)
+        for name in ("init_gain", "init_std"):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and value > 0
+            require(ok, f"model.{name}", value, "a positive number")
         require_choice("model.norm", self.norm, NORMS)
         require(
             self.norm == "none" or self.cell in ("rnn", "lstm") or self.norm == "batch",
