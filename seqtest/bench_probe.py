@@ -1,7 +1,14 @@
-"""Time one gradient probe, and print the half-lives at initialisation.
+"""Time one gradient probe, print the half-lives at initialisation, or measure what the
+probes cost a real training run.
 
     python -m seqtest.bench_probe --cells rnn lstm --hidden 128 --length 200 --batch 64
     python -m seqtest.bench_probe --half-lives --length 100
+    python -m seqtest.bench_probe --run-cost --cells rnn lstm gru --length 100 --steps 1000
+
+``--run-cost`` trains each cell twice in this process with the default probe cadence
+(analysis.every = 500), once with the probes and once without, interleaved, and prints the
+probes' share of the run's wall time, measured both ways: the probes' own time over the
+run's time, and the difference of the two runs' wall times.
 
 Each timing is the best of ``--repeat`` probes after one warm-up probe, on one torch thread
 by default (``--threads``), with subnormals flushed as `seqtest.run` does.
@@ -49,6 +56,38 @@ def half_lives(hidden, length, batch, dtype, seed=0) -> dict[str, dict]:
     return out
 
 
+def run_cost(cell: str, length: int, steps: int, hidden: int, every: int = 500) -> dict:
+    """Train `cell` with and without probes; the probes' share of the wall time."""
+    import tempfile
+
+    from hydra import compose, initialize_config_module
+
+    from seqtest.results import read_metrics
+    from seqtest.run import run
+
+    overrides = [
+        f"model={cell}", f"model.hidden_size={hidden}", f"task.length={length}",
+        f"train.steps={steps}", "train.early_stop=false", "train.progress=false",
+        f"analysis.every={every}", "analysis.plots=false",
+    ]  # fmt: skip
+    times = {}
+    with initialize_config_module(config_module="seqtest.conf", version_base="1.3"):
+        for enabled in (True, False):
+            cfg = compose("config", overrides=[*overrides, f"analysis.enabled={enabled}"])
+            with tempfile.TemporaryDirectory() as folder:
+                summary = run(cfg, folder)
+                probes = sum(r.get("probe_seconds") or 0.0 for r in read_metrics(folder))
+            times[enabled] = (summary["wall_time_s"], probes)
+    (with_probes, probe_time), (without, _) = times[True], times[False]
+    return {
+        "cell": cell,
+        "wall_with_probes_s": with_probes,
+        "wall_without_s": without,
+        "probe_share": probe_time / with_probes,
+        "difference_share": (with_probes - without) / with_probes,
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["rnn", "lstm"])
@@ -59,9 +98,22 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--half-lives", action="store_true", help="print init half-lives only")
+    parser.add_argument("--run-cost", action="store_true", help="probe share of a run's time")
+    parser.add_argument("--steps", type=int, default=1000)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    if args.run_cost:
+        for cell in args.cells:
+            cost = run_cost(cell, args.length, args.steps, args.hidden)
+            print(
+                f"{cell:5s} H={args.hidden} T={args.length} steps={args.steps}: "
+                f"{cost['wall_with_probes_s']:.1f} s with probes, "
+                f"{cost['wall_without_s']:.1f} s without; probes "
+                f"{100 * cost['probe_share']:.1f}% of the run by their own time, "
+                f"{100 * cost['difference_share']:.1f}% by the difference"
+            )
+        return
     if args.half_lives:
         for cell, values in half_lives(args.hidden, args.length, args.batch, "float64").items():
             print(cell, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
