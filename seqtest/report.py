@@ -41,7 +41,9 @@ import csv
 import io
 import json
 import math
+import os
 import re
+import secrets
 import statistics
 import sys
 import time
@@ -53,7 +55,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from seqtest.results import METRICS_FILE, SUMMARY_FILE, find_run_dirs, format_table, write_atomic
+from seqtest.results import METRICS_FILE, SUMMARY_FILE, find_run_dirs, format_table
 
 GRADIENTS_FILE = "gradients.npz"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
@@ -700,6 +702,22 @@ class Report:
         return "\n".join(out)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so a reader never sees half a report.
+    The file gets the usual permissions (0666 less the umask): reports are meant to be read
+    by others, on a cluster's shared file system too."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def build_report(root: Path, out_dir: Path | None = None) -> Report:
     """Read and aggregate every run under `root`; writes nothing."""
     started = time.perf_counter()
@@ -727,9 +745,9 @@ def write_report(root: Path, out_dir: Path | None = None, figures: bool = True) 
         from seqtest.report_plots import draw_figures
 
         figure_paths, report.figure_errors = draw_figures(report, out)
-    write_atomic(out / REPORT_CSV, csv_text(report.rows, CSV_COLUMNS))
-    write_atomic(out / RUNS_CSV, csv_text(run_rows(report.runs), RUN_COLUMNS))
-    write_atomic(out / REPORT_MD, report.markdown(figure_paths))
+    write_text_atomic(out / REPORT_CSV, csv_text(report.rows, CSV_COLUMNS))
+    write_text_atomic(out / RUNS_CSV, csv_text(run_rows(report.runs), RUN_COLUMNS))
+    write_text_atomic(out / REPORT_MD, report.markdown(figure_paths))
     written += [out / REPORT_MD, out / REPORT_CSV, out / RUNS_CSV, *figure_paths]
     report.files = written
     report.seconds = time.perf_counter() - started

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import secrets
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -279,15 +279,15 @@ def _log_if_positive(ax, arrays: list[np.ndarray]) -> None:
 
 
 def save_figure(figure: Figure, path: Path, dpi: int = 110) -> None:
-    """Save as PNG through a temporary file and a rename, like every other report file."""
+    """Save as PNG through a temporary file and a rename, like every other report file (with
+    the usual permissions: matplotlib creates the file, so the umask applies)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.png")
     try:
         figure.savefig(tmp, dpi=dpi, format="png")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -197,7 +199,7 @@ def test_a_corrupted_summary_and_a_run_killed_half_way_are_listed_as_failed(tmp_
     metrics = (tmp_path / "2" / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "2" / "metrics.jsonl").write_text("\n".join(metrics[:4]) + "\n" + metrics[4][:25])
 
-    report = rp.write_report(tmp_path)
+    report = rp.write_report(tmp_path, figures=False)
     failed = {r.name: r.reason for r in report.failed}
     assert set(failed) == {"1", "2"}
     assert failed["1"].startswith("summary.json unreadable")
@@ -317,7 +319,7 @@ def test_a_single_run_folder_and_nested_sweeps(tmp_path):
     synthetic_sweep(tmp_path / "a" / "sweep", ["rnn"], [10], [0, 1], rng)
     synthetic_sweep(tmp_path / "b" / "deeper" / "sweep", ["rnn", "gru"], [10], [2], rng)
 
-    single = rp.write_report(tmp_path / "a" / "sweep" / "1")
+    single = rp.write_report(tmp_path / "a" / "sweep" / "1", figures=False)
     assert [r.name for r in single.runs] == ["."] and (tmp_path / "a/sweep/1/report.md").exists()
 
     nested = rp.build_report(tmp_path)
@@ -338,6 +340,18 @@ def test_the_report_can_be_written_elsewhere_and_without_figures(tmp_path):
         "report.csv", "report.md", "report_runs.csv",
     ]  # fmt: skip
     assert not (tmp_path / "sweep" / "report.md").exists() and len(report.rows) == 2
+
+
+def test_report_files_get_the_usual_permissions(tmp_path):
+    rng = np.random.default_rng(16)
+    synthetic_sweep(tmp_path, ["rnn"], [10, 20], [0], rng)
+    previous = os.umask(0o022)
+    try:
+        report = rp.write_report(tmp_path)
+    finally:
+        os.umask(previous)
+    assert report.files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in report.files)
+    assert not list(tmp_path.glob(".*tmp")) and not list(tmp_path.glob(".report*"))
 
 
 def test_an_empty_folder_writes_nothing(tmp_path):
