@@ -21,6 +21,10 @@ ln 10: the classes are nearly balanced). A predictor that remembers nothing outp
 class frequencies.
 
 Solved: accuracy at the last step (``val_metric``) of at least ``solved_accuracy`` (0.9).
+
+Measured with the default LSTM (hidden 128, Adam 1e-3, batch 64, clip 1), seed 0, CPU:
+held-out accuracy 0.73 after 500 steps, 0.84 after 2000, first at least 0.9 at step 2600,
+0.91 at 3000, while the training split reaches 0.996: the 1437 training images are few.
 """
 
 from __future__ import annotations
