@@ -13,6 +13,7 @@ Run folder (besides Hydra's `.hydra/`):
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -112,8 +113,10 @@ class Setup:
         self.optimizer = instantiate_checked(cfg.optim)(self.model.parameters())
         # validation set and gradient-probe batch: fixed, from their own generator
         val_generator = torch.Generator(self.device).manual_seed(self.train_config.val_seed)
-        self.val_batch = self.task.sample(self.train_config.val_size, val_generator)
-        self.probe_batch = self.task.sample(self.analysis_config.batch_size, val_generator)
+        self.val_batch = self.task.validation_batch(self.train_config.val_size, val_generator)
+        self.probe_batch = self.task.validation_batch(
+            self.analysis_config.batch_size, val_generator
+        )
         self.data_generator = torch.Generator(self.device).manual_seed(
             derived_seed(cfg.seed, "data")
         )
@@ -132,6 +135,13 @@ def check_last_step_task(task: Task) -> None:
     )
 
 
+def task_parameters(task: Task) -> dict:
+    """The task's dataclass fields that JSON can hold (so variants of one task stay apart)."""
+    simple = (str, int, float, bool, type(None))
+    values = {f.name: getattr(task, f.name) for f in dataclasses.fields(task)}
+    return {name: value for name, value in values.items() if isinstance(value, simple)}
+
+
 def summarise(setup: Setup, result: TrainResult, wall_time: float) -> dict:
     cfg, task = setup.cfg, setup.task
     records = result.records
@@ -139,6 +149,7 @@ def summarise(setup: Setup, result: TrainResult, wall_time: float) -> dict:
     finite_losses = [r["val_loss"] for r in records if np.isfinite(r["val_loss"])]
     return {
         "task": task.name,
+        "task_params": task_parameters(task),
         "model": cfg.model.get("name") or cfg.model.cell,
         "length": getattr(task, "length", task.seq_len),
         "seed": cfg.seed,

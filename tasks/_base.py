@@ -7,7 +7,8 @@ that remembers nothing (`baseline_loss`), and when the task counts as solved.
 Tensors are batch-first everywhere:
 
     x     [B, T, input_size]  float inputs
-    y     [B, T, output_size] float targets (loss_kind "mse") or [B, T] class indices ("cross_entropy")
+    y     [B, T, output_size] float targets (loss_kind "mse"),
+          or [B, T] class indices (loss_kind "cross_entropy")
     mask  [B, T]              bool, True where the output is scored
 
 A task knows nothing about models; a model knows nothing about tasks.
@@ -37,12 +38,14 @@ class Batch(NamedTuple):
 
 
 class Task(ABC):
-    """Base class of every task. Subclasses are dataclasses whose fields are the task's parameters."""
+    """Base class of every task; subclasses are dataclasses whose fields are the parameters."""
 
     name: ClassVar[str]
     loss_kind: ClassVar[str]
     #: Name of the task's accuracy-like metric (None where the task defines none).
     metric_name: ClassVar[str | None] = None
+    #: The baseline as a formula of the parameters, for listings (`seqtest-tasks`).
+    baseline_formula: ClassVar[str | None] = None
 
     input_size: int
     output_size: int
@@ -56,6 +59,11 @@ class Task(ABC):
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         """Draw a batch on `generator.device`, using only `generator` for randomness."""
 
+    def validation_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """The fixed validation set. Synthetic tasks draw it like training data (from their own
+        seeded generator); tasks with a data set draw it from their held-out split."""
+        return self.sample(batch_size, generator)
+
     @property
     @abstractmethod
     def baseline_loss(self) -> float:
@@ -63,7 +71,7 @@ class Task(ABC):
 
     @abstractmethod
     def solved(self, metrics: dict) -> bool:
-        """Whether validation metrics (`val_loss`, `val_metric`) meet the task's solved criterion."""
+        """Whether validation metrics (`val_loss`, `val_metric`) meet the solved criterion."""
 
     @abstractmethod
     def informative_positions(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +89,9 @@ class Task(ABC):
             ).view_as(weight)
         return (per_step * weight).sum() / weight.sum()
 
-    def metric(self, output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    def metric(
+        self, output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor | None:
         """The task's accuracy-like metric on a batch, or None."""
         return None
 
@@ -109,7 +119,8 @@ def register_task(name: str):
         previous = _REGISTRY.get(name)
         if previous is not None and _where(previous) != _where(cls):
             raise ConfigError(
-                f"task name {name!r} is registered twice: by {_where(previous)} and by {_where(cls)}"
+                f"task name {name!r} is registered twice: "
+                f"by {_where(previous)} and by {_where(cls)}"
             )
         cls.name = name
         _REGISTRY[name] = cls
