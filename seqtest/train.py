@@ -127,6 +127,26 @@ def clip_gradients(
     return norm, largest > threshold
 
 
+def train_step(
+    model: nn.Module,
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    parameters: list[torch.Tensor],
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training step: sample a batch, forward, task loss, backward, clip, optimiser step.
+    Returns (the loss, the gradient norm before clipping, whether it was clipped), detached and
+    on the device. The loop runs this; `seqtest.bench` times it."""
+    x, y, mask = task.sample(config.batch_size, generator)
+    loss = task.loss(model(x), y, mask)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm, clipped = clip_gradients(parameters, config.clip, config.clip_mode)
+    optimizer.step()
+    return loss.detach(), norm.detach(), clipped
+
+
 class _Accumulators:
     """Per-step sums kept on the device between evaluations."""
 
@@ -269,13 +289,8 @@ def train(
     )  # fmt: skip
     model.train()
     for step in range(first_step, config.steps + 1):
-        x, y, mask = task.sample(config.batch_size, data_generator)
-        loss = task.loss(model(x), y, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm, clipped = clip_gradients(parameters, config.clip, config.clip_mode)
-        optimizer.step()
-        sums.add(step, loss.detach(), norm.detach(), clipped)
+        loss, norm, clipped = train_step(model, task, optimizer, parameters, config, data_generator)
+        sums.add(step, loss, norm, clipped)
         result.steps = step
         bar.update()
 

@@ -1,0 +1,529 @@
+"""Speed of seqtest against bare PyTorch, the cost of the gradient probes, parallel sweeps and
+the allocator settings.
+
+    python -m seqtest.bench --quick                 # CI smoke run, under two minutes
+    python -m seqtest.bench                         # the full grid (tens of minutes)
+    python -m seqtest.bench --json bench.json       # also write the records as JSON
+    python -m seqtest.bench --only steps --models lstm bn_lstm --grid 64,200,128
+
+Four measurements, each a list of records (``kind`` tells them apart):
+
+* ``step``: seqtest's whole training step (`seqtest.train.train_step`: task.sample, model,
+  task.loss, backward, `clip_gradients`, Adam step) against a bare PyTorch reference written
+  here with no seqtest code (adding-problem batch, ``nn.RNN/LSTM/GRU`` + ``nn.Linear`` on the
+  last step, MSE, ``clip_grad_norm_``, Adam). Variants without a fused kernel are compared
+  with the best hand-written loop (see `REFERENCES`); the record also carries the target's own
+  denominator (``target_ms``). Timed interleaved, seqtest / reference / seqtest / ..., on
+  ``--threads`` torch threads; the medians of the rounds.
+* ``probe``: the gradient probes' share of a run's wall time at the default cadence
+  (`seqtest.bench_probe.run_cost`).
+* ``parallel``: a sweep under ``hydra/launcher=joblib`` against the same jobs one after another
+  (the basic launcher), each as a ``python -m seqtest -m ...`` subprocess.
+* ``allocator``: a training step in a fresh process with and without the glibc ``MALLOC_*``
+  settings in its environment (they are read at process start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqtest.models import ModelConfig, build_model
+from seqtest.tasks.adding import AddingTask
+from seqtest.train import TrainConfig, train_step
+
+#: Benchmarked models: name -> `ModelConfig` fields besides the hidden size.
+MODELS: dict[str, dict] = {
+    "rnn": dict(cell="rnn"),
+    "lstm": dict(cell="lstm"),
+    "gru": dict(cell="gru"),
+    "rnn_sigmoid": dict(cell="rnn", activation="sigmoid"),
+    "ln_lstm": dict(cell="lstm", norm="layer"),
+    "bn_lstm": dict(cell="lstm", norm="batch"),
+}
+
+#: What each model is compared with: (reference, what the target is measured against, limit).
+REFERENCES: dict[str, tuple[str, str, float]] = {
+    "rnn": ("nn.RNN", "nn.RNN", 1.05),
+    "lstm": ("nn.LSTM", "nn.LSTM", 1.05),
+    "gru": ("nn.GRU", "nn.GRU", 1.05),
+    "rnn_sigmoid": ("sigmoid RNN loop", "nn.RNN", 1.3),
+    "ln_lstm": ("LSTM loop", "LSTM loop", 1.2),
+    "bn_lstm": ("LSTM loop", "LSTM loop", 1.2),
+}
+
+QUICK_GRID = [(64, 200, 128)]
+FULL_GRID = [(32, 100, 64), (64, 200, 128), (128, 400, 256)]
+LR = 1e-3
+CLIP = 1.0
+
+#: The allocator settings measured (see docs/performance.md): keep freed memory in the heap
+#: instead of returning it to the system after every step.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024),
+    "MALLOC_TOP_PAD_": str(256 * 1024 * 1024),
+}
+
+
+# ---------------------------------------------------------------- the bare PyTorch reference
+
+
+def adding_batch(batch: int, length: int, generator: torch.Generator):
+    """The adding problem written plainly: values U[0,1], one marker in each half, target
+    the sum of the two marked values. x [B, T, 2], y [B]."""
+    values = torch.rand(batch, length, generator=generator)
+    half = length // 2
+    first = torch.randint(0, half, (batch, 1), generator=generator)
+    second = torch.randint(half, length, (batch, 1), generator=generator)
+    markers = torch.zeros(batch, length)
+    markers.scatter_(1, first, 1.0).scatter_(1, second, 1.0)
+    x = torch.stack([values, markers], dim=-1)
+    y = values.gather(1, first).squeeze(1) + values.gather(1, second).squeeze(1)
+    return x, y
+
+
+class SigmoidRNNLoop(nn.Module):
+    """h_t = sigmoid(W_ih x_t + W_hh h_{t-1} + b), written as one would by hand: the input
+    term of all steps in one product, then one addmm and one sigmoid per step."""
+
+    def __init__(self, input_size: int, hidden: int) -> None:
+        super().__init__()
+        self.core = nn.RNN(input_size, hidden, batch_first=True)  # only for its parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.core
+        projected = F.linear(x, c.weight_ih_l0, c.bias_ih_l0 + c.bias_hh_l0)
+        w_hh_t = c.weight_hh_l0.t()
+        h = x.new_zeros(x.shape[0], c.hidden_size)
+        for xp in projected.unbind(1):
+            h = torch.sigmoid(torch.addmm(xp, h, w_hh_t))
+        return h
+
+
+class LSTMLoop(nn.Module):
+    """The plain LSTM as a hand-written loop (the fastest of the variants tried): gates stored
+    in the order i, f, o, g so that one sigmoid covers [B, 3H] and one tanh [B, H]; the input
+    term of all steps in one product; one addmm per step; c by addcmul."""
+
+    def __init__(self, input_size: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.w_ih = nn.Parameter(torch.empty(4 * hidden, input_size))
+        self.w_hh = nn.Parameter(torch.empty(4 * hidden, hidden))
+        self.bias = nn.Parameter(torch.zeros(4 * hidden))
+        bound = hidden**-0.5
+        nn.init.uniform_(self.w_ih, -bound, bound)
+        nn.init.uniform_(self.w_hh, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H = self.hidden
+        projected = F.linear(x, self.w_ih, self.bias)
+        w_hh_t = self.w_hh.t()
+        h = c = x.new_zeros(x.shape[0], H)
+        for xp in projected.unbind(1):
+            gates = torch.addmm(xp, h, w_hh_t)
+            i, f, o = gates[:, : 3 * H].sigmoid().chunk(3, dim=1)
+            c = torch.addcmul(f * c, i, gates[:, 3 * H :].tanh())
+            h = o * c.tanh()
+        return h
+
+
+class Fused(nn.Module):
+    def __init__(self, kind: type[nn.RNNBase], input_size: int, hidden: int) -> None:
+        super().__init__()
+        self.core = kind(input_size, hidden, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.core(x)[0][:, -1]
+
+
+def reference_core(name: str, input_size: int, hidden: int) -> nn.Module:
+    """The reference's recurrent part by name (see `REFERENCES`): [B, T, in] -> last h [B, H]."""
+    fused = {"nn.RNN": nn.RNN, "nn.LSTM": nn.LSTM, "nn.GRU": nn.GRU}
+    if name in fused:
+        return Fused(fused[name], input_size, hidden)
+    return {"sigmoid RNN loop": SigmoidRNNLoop, "LSTM loop": LSTMLoop}[name](input_size, hidden)
+
+
+def reference_step(name: str, batch: int, length: int, hidden: int, seed: int = 0) -> Callable:
+    """A closure running one bare-PyTorch training step of reference `name`."""
+    torch.manual_seed(seed)
+    core = reference_core(name, 2, hidden)
+    readout = nn.Linear(hidden, 1)
+    parameters = [*core.parameters(), *readout.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=LR)
+    generator = torch.Generator().manual_seed(seed)
+
+    def step() -> None:
+        x, y = adding_batch(batch, length, generator)
+        loss = F.mse_loss(readout(core(x)).squeeze(1), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(parameters, CLIP)
+        optimizer.step()
+
+    return step
+
+
+# ---------------------------------------------------------------- seqtest's step
+
+
+def seqtest_step(model: str, batch: int, length: int, hidden: int, seed: int = 0) -> Callable:
+    """A closure running one step of seqtest's training loop (`seqtest.train.train_step`)."""
+    task = AddingTask(length=length)
+    torch.manual_seed(seed)
+    config = ModelConfig(hidden_size=hidden, name=model, **MODELS[model])
+    net = build_model(config, task.input_size, task.output_size, task.seq_len)
+    net.train()
+    parameters = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(net.parameters(), lr=LR)
+    train_config = TrainConfig(batch_size=batch, clip=CLIP, progress=False)
+    generator = torch.Generator().manual_seed(seed)
+    return lambda: train_step(net, task, optimizer, parameters, train_config, generator)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _time(step: Callable, repeats: int) -> float:
+    """Seconds per step over `repeats` consecutive steps."""
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - started) / repeats
+
+
+def interleaved(steps: dict[str, Callable], rounds: int, repeats: int, warmup: int = 2):
+    """Time each closure `repeats` steps at a time, in turn, for `rounds` rounds; the median
+    seconds per step of each."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(_time(step, repeats))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _repeats_for(step: Callable, budget_s: float) -> int:
+    """How many steps fill about `budget_s` seconds (at least 1)."""
+    started = time.perf_counter()
+    step()
+    return max(1, round(budget_s / max(time.perf_counter() - started, 1e-6)))
+
+
+def step_records(
+    models: Iterable[str],
+    grid: Iterable[tuple[int, int, int]],
+    rounds: int = 5,
+    budget_s: float = 0.5,
+    repeats: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Time seqtest's step against its reference for every model and (B, T, H) of `grid`.
+
+    One record per pair: ``model``, ``B``, ``T``, ``H``, ``seqtest_ms``, ``reference_ms``,
+    ``ratio`` (seqtest / reference), ``reference`` (what it is), and the target's own
+    denominator ``target_of`` / ``target_ms``, ``target_ratio`` and ``target``.
+    A fused reference that a target needs (nn.RNN for the sigmoid RNN) is timed in the
+    same rounds. `repeats` fixes the steps per timing; else they fill about `budget_s`.
+    """
+    records = []
+    for B, T, H in grid:
+        for model in models:
+            reference, target_of, limit = REFERENCES[model]
+            steps = {
+                "seqtest": seqtest_step(model, B, T, H),
+                "reference": reference_step(reference, B, T, H),
+            }
+            if target_of != reference:
+                steps["target"] = reference_step(target_of, B, T, H)
+            n = repeats or _repeats_for(steps["seqtest"], budget_s)
+            medians = interleaved(steps, rounds, n)
+            seqtest_ms = 1000 * medians["seqtest"]
+            reference_ms = 1000 * medians["reference"]
+            target_ms = 1000 * medians.get("target", medians["reference"])
+            record = {
+                "kind": "step",
+                "model": model,
+                "B": B,
+                "T": T,
+                "H": H,
+                "seqtest_ms": seqtest_ms,
+                "reference_ms": reference_ms,
+                "ratio": seqtest_ms / reference_ms,
+                "reference": reference,
+                "target_of": target_of,
+                "target_ms": target_ms,
+                "target_ratio": seqtest_ms / target_ms,
+                "target": limit,
+                "rounds": rounds,
+                "steps_per_round": n,
+                "threads": torch.get_num_threads(),
+            }
+            records.append(record)
+            if log:
+                log(
+                    f"{model:12s} B={B:<4d} T={T:<4d} H={H:<4d} seqtest {seqtest_ms:8.2f} ms  "
+                    f"{reference:16s} {reference_ms:8.2f} ms  ratio {record['ratio']:.3f}  "
+                    f"vs {target_of} {record['target_ratio']:.3f} (target <= {limit})"
+                )
+    return records
+
+
+# ---------------------------------------------------------------- probes
+
+
+def probe_records(cells: Iterable[str], length: int, steps: int, hidden: int, log=None):
+    """The probes' share of a run at the default cadence (`seqtest.bench_probe.run_cost`)."""
+    from seqtest.bench_probe import run_cost
+
+    records = []
+    for cell in cells:
+        cost = run_cost(cell, length, steps, hidden)
+        record = {"kind": "probe", "model": cell, "T": length, "H": hidden, "steps": steps}
+        record |= {key: value for key, value in cost.items() if key != "cell"}
+        record["target"] = 0.05
+        records.append(record)
+        if log:
+            log(
+                f"probes {cell:5s} T={length} H={hidden} steps={steps}: "
+                f"{100 * cost['probe_share']:.1f}% of the run by their own time, "
+                f"{100 * cost['difference_share']:.1f}% by the difference (target <= 5%)"
+            )
+    return records
+
+
+# ---------------------------------------------------------------- parallel sweeps
+
+
+def _sweep(overrides: list[str], env: dict | None = None) -> float:
+    """Wall seconds of `python -m seqtest -m <overrides>` in a fresh sweep folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = [
+            sys.executable, "-m", "seqtest", "-m", *overrides,
+            f"hydra.sweep.dir={folder}", "train.progress=false", "analysis.plots=false",
+        ]  # fmt: skip
+        started = time.perf_counter()
+        subprocess.run(
+            command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env, cwd=folder,
+        )  # fmt: skip
+        return time.perf_counter() - started
+
+
+def parallel_records(quick: bool, rounds: int = 1, log=None) -> list[dict]:
+    """Two sweeps, each under joblib and one job after another, interleaved.
+
+    * quick_compare (3 jobs: rnn, lstm, gru on adding T=50): joblib with its default n_jobs
+      (one job per core, one thread each) against the basic launcher, both with torch's
+      default threads (what `seqtest -m experiment=quick_compare` does) and with one thread
+      per job (the speed-up of running side by side alone). ``--quick`` measures only the
+      latter, on shortened runs.
+    * two B=64, T=200, H=128 LSTM jobs (seeds 0 and 1): joblib with two jobs of one thread
+      against the basic launcher with two threads per job.
+    """
+    if quick:
+        short = ["train.steps=20", "train.eval_every=10", "analysis.every=10"]
+        quick_steps = lstm_steps = [*short, "train.val_size=64", "analysis.batch_size=16"]
+        basic_variants = {"basic_1_thread": ["threads=1"]}
+    else:
+        quick_steps, lstm_steps = [], ["train.steps=500", "train.eval_every=100"]
+        basic_variants = {"basic": ["threads=null"], "basic_1_thread": ["threads=1"]}
+    lstm = [
+        "model=lstm", "task.length=200", "model.hidden_size=128", "train.batch_size=64",
+        "train.early_stop=false", "seed=0,1", *lstm_steps,
+    ]  # fmt: skip
+    sweeps = {
+        "quick_compare": (["experiment=quick_compare", *quick_steps], basic_variants, []),
+        "lstm_B64_T200_H128_x2": (
+            lstm, {"basic_2_threads": ["threads=2"]}, ["hydra.launcher.n_jobs=2"]
+        ),
+    }  # fmt: skip
+    records = []
+    for name, (overrides, sequential, joblib) in sweeps.items():
+        variants = {**sequential, "joblib": ["hydra/launcher=joblib", *joblib]}
+        times: dict[str, list[float]] = {variant: [] for variant in variants}
+        for _ in range(rounds):
+            for variant, extra in variants.items():
+                times[variant].append(_sweep([*overrides, *extra]))
+        medians = {variant: statistics.median(values) for variant, values in times.items()}
+        first = next(iter(sequential))
+        record = {
+            "kind": "parallel",
+            "sweep": name,
+            "overrides": overrides,
+            "seconds": medians,
+            "basic": first,
+            "basic_s": medians[first],
+            "joblib_s": medians["joblib"],
+            "speedup": medians[first] / medians["joblib"],
+            "target": 1.6 if name == "quick_compare" else 1.3,
+            "rounds": rounds,
+        }
+        records.append(record)
+        if log:
+            timings = ", ".join(f"{k} {v:.1f} s" for k, v in medians.items())
+            log(
+                f"sweep {name}: {timings}; speed-up over {first} {record['speedup']:.2f}x "
+                f"(target >= {record['target']})"
+            )
+    return records
+
+
+# ---------------------------------------------------------------- allocator
+
+
+def _allocator_child(model: str, B: int, T: int, H: int, steps: int) -> None:
+    """Run in a fresh process: median ms per step and minor page faults per step, as JSON."""
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    step = seqtest_step(model, B, T, H)
+    for _ in range(3):
+        step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    print(json.dumps({"ms": 1000 * statistics.median(times), "faults_per_step": faults / steps}))
+
+
+def allocator_records(cases: Iterable[tuple], rounds: int, steps: int, log=None) -> list[dict]:
+    """Each (model, B, T, H) in fresh processes with and without `MALLOC_ENV`, interleaved."""
+    records = []
+    for model, B, T, H in cases:
+        results: dict[str, list[dict]] = {"default": [], "malloc_env": []}
+        for _ in range(rounds):
+            for setting in results:
+                env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+                if setting == "malloc_env":
+                    env |= MALLOC_ENV
+                code = (
+                    "from seqtest.bench import _allocator_child; "
+                    f"_allocator_child({model!r}, {B}, {T}, {H}, {steps})"
+                )
+                out = subprocess.run(
+                    [sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                    text=True,
+                ).stdout  # fmt: skip
+                results[setting].append(json.loads(out.strip().splitlines()[-1]))
+        default, tuned = (
+            {
+                key: statistics.median(r[key] for r in results[s])
+                for key in ("ms", "faults_per_step")
+            }
+            for s in ("default", "malloc_env")
+        )
+        record = {
+            "kind": "allocator",
+            "model": model,
+            "B": B,
+            "T": T,
+            "H": H,
+            "default_ms": default["ms"],
+            "malloc_env_ms": tuned["ms"],
+            "speedup": default["ms"] / tuned["ms"],
+            "default_faults_per_step": default["faults_per_step"],
+            "malloc_env_faults_per_step": tuned["faults_per_step"],
+            "env": dict(MALLOC_ENV),
+            "rounds": rounds,
+        }
+        records.append(record)
+        if log:
+            log(
+                f"allocator {model:8s} B={B} T={T} H={H}: default {default['ms']:.1f} ms "
+                f"({default['faults_per_step']:.0f} faults/step), MALLOC_* {tuned['ms']:.1f} ms "
+                f"({tuned['faults_per_step']:.0f} faults/step), speed-up {record['speedup']:.2f}x"
+            )
+    return records
+
+
+# ---------------------------------------------------------------- command line
+
+
+def machine() -> dict:
+    return {
+        "kind": "machine",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _grid(text: str) -> tuple[int, int, int]:
+    B, T, H = (int(v) for v in text.split(","))
+    return B, T, H
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small grid, few rounds (CI)")
+    parser.add_argument("--json", metavar="PATH", help="also write the records here")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--grid", nargs="+", type=_grid, metavar="B,T,H")
+    parser.add_argument("--rounds", type=int, help="timing rounds (default 3 quick, 7 full)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the steps")
+    parser.add_argument("--repeats", type=int, help="steps per timing (default: fill ~0.25/1 s)")
+    parser.add_argument(
+        "--only", nargs="+", choices=("steps", "probes", "parallel", "allocator"),
+        default=("steps", "probes", "parallel", "allocator"),
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    quick = args.quick
+    grid = args.grid or (QUICK_GRID if quick else FULL_GRID)
+    rounds = args.rounds or (3 if quick else 7)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    records = [machine()]
+    log(f"# {records[0]}")
+    if "steps" in args.only:
+        budget = 0.25 if quick else 1.0
+        records += step_records(args.models, grid, rounds, budget, args.repeats, log=log)
+    if "probes" in args.only:
+        if quick:
+            records += probe_records(["lstm"], length=50, steps=300, hidden=64, log=log)
+        else:
+            records += probe_records(["rnn", "lstm", "gru"], 200, 3000, 128, log=log)
+    if "parallel" in args.only:
+        records += parallel_records(quick, rounds=1 if quick else 2, log=log)
+    if "allocator" in args.only:
+        cases = [("lstm", 64, 200, 128)]
+        if not quick:
+            cases += [("bn_lstm", 64, 200, 128), ("lstm", 128, 400, 256)]
+        records += allocator_records(cases, rounds=1 if quick else 3, steps=5 if quick else 20,
+                                     log=log)  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return records
+
+
+if __name__ == "__main__":
+    main()
