@@ -26,8 +26,10 @@ Per configuration (``report.csv``, ``report.md`` and the terminal):
 * ``steps_to_solve``: median ``solved_at_step`` over the solved runs.
 * ``half_life_init`` / ``half_life_final``: median over runs of the gradient half-life, in
   steps, of the top layer at the first and at the last probe (``summary.json``'s
-  ``gradients.init/final.half_life``, else ``gradients.npz``). Runs whose gradient does not
-  decay (no half-life) are left out of the median; when no run has one it reads ``none``.
+  ``gradients.init/final.half_life``, else ``gradients.npz``). Runs without a half-life are
+  left out of the median; when no run has one it reads ``none`` if the fitted decay rate was
+  <= 0 (the gradient does not shrink) and ``n/a`` if there was nothing to fit (a task scored
+  at every step has no step before its first scored one). The CSV counts both kinds.
 * ``wall_time_s``: mean wall time of the finished runs.
 
 Figures (PNG, next to the report, each only when the runs hold its data): see
@@ -165,20 +167,28 @@ class Run:
             return tuple(sorted(o for o in self.overrides if override_key(o) not in SEED_KEYS))
         return tuple(f"{k}={self.get(k)}" for k in ("task", "model", "length"))
 
-    def half_life(self, when: str) -> tuple[bool, float | None]:
-        """(has data, half-life in steps or None for "no decay") of the top layer at the
-        first (`init`) or last (`final`) gradient probe."""
+    def half_life(self, when: str) -> tuple[str | None, float | None]:
+        """The gradient half-life (steps) of the top layer at the first (`init`) or last
+        (`final`) probe, as (kind, value): ("value", v); ("none", None) when the fitted decay
+        rate is <= 0 (the gradient does not shrink); ("no fit", None) when there was nothing to
+        fit (e.g. a task scored at every step has no step before the first scored one);
+        (None, None) when the run holds no gradient data."""
         grads = self.summary.get("gradients") if self.summary else None
         if isinstance(grads, dict) and isinstance(grads.get(when), dict):
             entry = grads[when]
             if "half_life" in entry:
-                return True, finite(entry.get("half_life"))
+                return _half_life_kind(
+                    as_float(entry.get("half_life")), as_float(entry.get("decay_rate"))
+                )
         if self.gradients is not None and "half_life" in self.gradients:
             values = np.asarray(self.gradients["half_life"], dtype=float)
-            if values.ndim == 2 and values.size:
-                value = float(values[0 if when == "init" else -1, -1])
-                return True, value if math.isfinite(value) else None
-        return False, None
+            rates = np.asarray(
+                self.gradients.get("decay_rate", np.full_like(values, np.nan)), dtype=float
+            )
+            if values.ndim == 2 and values.size and rates.shape == values.shape:
+                index = 0 if when == "init" else -1
+                return _half_life_kind(float(values[index, -1]), float(rates[index, -1]))
+        return None, None
 
     def h_grad_profile(self, when: str) -> np.ndarray | None:
         """Mean ||dL/dh_t|| of the top layer over the steps t at the first / last probe."""
@@ -201,6 +211,14 @@ class Run:
                     steps.append(step)
                     ratios.append(loss / baseline)
         return np.asarray(steps, dtype=float), np.asarray(ratios, dtype=float)
+
+
+def _half_life_kind(half_life: float | None, rate: float | None) -> tuple[str, float | None]:
+    if half_life is not None and math.isfinite(half_life):
+        return "value", half_life
+    if rate is not None and math.isfinite(rate):
+        return "none", None  # a fitted rate <= 0: no decay, no half-life
+    return "no fit", None
 
 
 def _read_metrics(path: Path, notes: list[str]) -> list[dict]:
@@ -479,11 +497,10 @@ def summarise_group(group: Group) -> dict[str, Any]:
         "steps_to_solve_median": _median(solve_steps),
     }
     for when in ("init", "final"):
-        with_data = [r.half_life(when) for r in runs]
-        values = [v for has, v in with_data if has and v is not None]
-        no_decay = sum(1 for has, v in with_data if has and v is None)
-        row[f"half_life_{when}"] = _median(values)
-        row[f"half_life_{when}_none"] = no_decay
+        kinds = [r.half_life(when) for r in runs]
+        row[f"half_life_{when}"] = _median([v for kind, v in kinds if kind == "value"])
+        row[f"half_life_{when}_none"] = sum(kind == "none" for kind, _ in kinds)
+        row[f"half_life_{when}_no_fit"] = sum(kind == "no fit" for kind, _ in kinds)
     walls = [v for v in (finite(r.summary.get("wall_time_s")) for r in finished) if v is not None]
     row["wall_time_s"] = statistics.fmean(walls) if walls else None
     row["wall_time_total_s"] = sum(walls) if walls else None
@@ -495,8 +512,9 @@ def summarise_group(group: Group) -> dict[str, Any]:
 CSV_COLUMNS = [
     "config", "task", "model", "length", "runs", "failed", "finished", "solved",
     "solved_fraction", "loss_ratio_mean", "loss_ratio_std", "loss_ratio_n",
-    "steps_to_solve_median", "half_life_init", "half_life_init_none", "half_life_final",
-    "half_life_final_none", "wall_time_s", "statuses",
+    "steps_to_solve_median", "half_life_init", "half_life_init_none", "half_life_init_no_fit",
+    "half_life_final", "half_life_final_none", "half_life_final_no_fit", "wall_time_s",
+    "statuses",
 ]  # fmt: skip
 FIGURE_CAPTIONS = {
     "report_curves.png": "Validation loss / baseline against training step: median over seeds "
@@ -531,9 +549,11 @@ def _loss_cell(row: dict) -> str:
 
 def _half_life_cell(row: dict, when: str) -> str:
     value = row[f"half_life_{when}"]
-    if value is None:
-        return "none" if row[f"half_life_{when}_none"] else "-"
-    return f"{value:.3g}"
+    if value is not None:
+        return f"{value:.3g}"
+    if row[f"half_life_{when}_none"]:
+        return "none"
+    return "n/a" if row[f"half_life_{when}_no_fit"] else "-"
 
 
 def _seconds(value: float | None) -> str:
@@ -678,7 +698,8 @@ class Report:
             "`interrupted`). *loss / baseline*: final validation loss over the task's baseline,",
             "mean ± sample std over finished runs with a finite value. *steps to solve*: median",
             "over solved runs. *half-life*: median gradient half-life of the top layer, in steps,",
-            "at the first and the last gradient probe (*none*: the gradient does not decay).",
+            "at the first and the last gradient probe (*none*: the gradient does not decay;",
+            "*n/a*: nothing to fit, e.g. a task scored at every step).",
             "*wall time*: mean per finished run.",
             "",
         ]

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 if TYPE_CHECKING:
     from seqtest.report import Group, Report
@@ -274,8 +275,12 @@ def _fmt(value: Any) -> str:
 def _log_if_positive(ax, arrays: list[np.ndarray]) -> None:
     values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays]) if arrays else []
     values = values[np.isfinite(values)] if len(values) else values
-    if len(values) and values.min() > 0 and values.max() / values.min() > 10:
+    if len(values) and values.min() > 0 and values.max() / values.min() > 3:
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        # within one decade the major ticks alone say too little: label the minor ones too
+        ax.yaxis.set_minor_formatter(plain if values.max() / values.min() < 10 else NullFormatter())
 
 
 def save_figure(figure: Figure, path: Path, dpi: int = 110) -> None:

@@ -290,6 +290,7 @@ def test_gradients_come_from_the_npz_file_when_the_summary_has_none(tmp_path):
     write_json(tmp_path / "0" / "summary.json", summary)
     grads = dict(np.load(tmp_path / "0" / "gradients.npz"))
     grads["half_life"] = np.array([[7.0], [np.nan], [np.nan]])  # none at the end: no decay
+    grads["decay_rate"] = np.array([[0.099], [0.0], [-0.01]])
     np.savez(tmp_path / "0" / "gradients.npz", **grads)
 
     report = rp.build_report(tmp_path)
@@ -298,6 +299,24 @@ def test_gradients_come_from_the_npz_file_when_the_summary_has_none(tmp_path):
     assert row["half_life_final"] is None and row["half_life_final_none"] == 1
     shown, _ = rp.display_rows(report.rows)
     assert (shown[0]["half-life init"], shown[0]["half-life final"]) == ("7", "none")
+
+
+def test_a_half_life_with_nothing_to_fit_is_not_called_no_decay(tmp_path):
+    """A task scored at every step has no step before the first scored one: no fit at all."""
+    rng = np.random.default_rng(17)
+    summary = synthetic_run(tmp_path / "0", model="lstm", length=30, seed=0, rng=rng)
+    empty = {"half_life": None, "decay_rate": None, "top_lyapunov": -0.2}
+    write_json(
+        tmp_path / "0" / "summary.json", dict(summary, gradients={"init": empty, "final": empty})
+    )
+    [row] = rp.build_report(tmp_path).rows
+    assert (row["half_life_init"], row["half_life_init_none"], row["half_life_init_no_fit"]) == (
+        None,
+        0,
+        1,
+    )
+    shown, _ = rp.display_rows([row])
+    assert shown[0]["half-life init"] == shown[0]["half-life final"] == "n/a"
 
 
 def test_runs_without_hydra_records_are_grouped_by_their_summary(tmp_path):
