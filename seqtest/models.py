@@ -137,8 +137,16 @@ class StepBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(max_steps, width))
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        """Normalise one step, x [B, F]."""
-        return self.forward_sequence(x.unsqueeze(1), first_step=step).squeeze(1)
+        """Normalise one step, x [B, F]: one `F.batch_norm` on the step's slot of the running
+        estimates (the same arithmetic as `forward_sequence` in a single kernel, which also
+        moves the slot's estimates in place)."""
+        if self.training and x.shape[0] < 2:  # batch_norm wants two samples to train on
+            return self.forward_sequence(x.unsqueeze(1), first_step=step).squeeze(1)
+        slot = min(step, self.running_mean.shape[0] - 1)
+        return F.batch_norm(
+            x, self.running_mean[slot], self.running_var[slot], self.weight, self.bias,
+            self.training, self.momentum, self.eps,
+        )  # fmt: skip
 
     def forward_sequence(self, x: torch.Tensor, first_step: int = 0) -> torch.Tensor:
         """Normalise consecutive steps at once, x [B, T, F] (each step by its own statistics)."""
@@ -156,6 +164,24 @@ class StepBatchNorm(nn.Module):
             var = self.running_var[slots]
             centred = x - self.running_mean[slots]
         out = centred * (torch.rsqrt(var + self.eps) * self.weight)
+        return out + self.bias if self.bias is not None else out
+
+    def forward_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``forward_sequence(F.linear(x, weight))`` for x [B, T, in] with few inputs, without
+        the passes over the [B, T, F] product: its batch mean is the inputs' mean times W and
+        its batch variance w_f' C_t w_f, from each step's input covariance C_t [in, in]. The
+        product is formed once, from the centred inputs, and scaled in the same pass."""
+        if not self.training or x.shape[-1] > 8:
+            return self.forward_sequence(F.linear(x, weight))
+        n = x.shape[0]
+        mean_x = x.mean(0)  # [T, in]
+        centred = x - mean_x
+        cov = torch.einsum("bti,btj->tij", centred, centred) / n  # [T, in, in]
+        var = torch.einsum("fi,tij,fj->tf", weight, cov, weight)  # [T, F]
+        mean = F.linear(mean_x, weight)
+        self._update(0, mean.detach(), var.detach() * (n / max(n - 1, 1)))
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        out = F.linear(centred, weight) * scale
         return out + self.bias if self.bias is not None else out
 
     @torch.no_grad()
@@ -247,11 +273,12 @@ class RecurrentLayer(nn.Module):
         norm = self.config.norm
         if norm == "none":
             return F.linear(x, w_ih, b_ih)
-        projected = F.linear(x, w_ih)
         if norm == "batch":
-            projected = self.norm_x.forward_sequence(projected)
-        elif self.config.cell == "lstm":
-            projected = self.norm_x(projected)
+            projected = self.norm_x.forward_linear(x, w_ih)
+        else:
+            projected = F.linear(x, w_ih)
+            if self.config.cell == "lstm":
+                projected = self.norm_x(projected)
         return projected + (b_ih + b_hh)
 
     def unroll(self, x: torch.Tensor):

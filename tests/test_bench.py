@@ -66,3 +66,30 @@ def test_references_learn_the_same_shapes(name):
     x, y = bench.adding_batch(3, 6, torch.Generator().manual_seed(0))
     assert x.shape == (3, 6, 2) and y.shape == (3,)
     assert core(x).shape == (3, 8)
+
+
+def test_batch_norm_fast_paths_match_the_plain_arithmetic():
+    """The per-step `F.batch_norm` and the input-covariance `forward_linear` give the values,
+    gradients and running estimates of `forward_sequence`, within 1e-5."""
+    from seqtest.models import StepBatchNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 7, 3)
+    weight = torch.randn(12, 3, requires_grad=True)
+    for beta in (False, True):
+        fast, plain = StepBatchNorm(12, 5, beta=beta), StepBatchNorm(12, 5, beta=beta)
+        out_fast = fast.forward_linear(x, weight)
+        (g_fast,) = torch.autograd.grad(out_fast.square().sum(), weight)
+        out_plain = plain.forward_sequence(torch.nn.functional.linear(x, weight))
+        (g_plain,) = torch.autograd.grad(out_plain.square().sum(), weight)
+        torch.testing.assert_close(out_fast, out_plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g_fast, g_plain, atol=1e-5, rtol=1e-5)
+        for a, b in zip(fast.buffers(), plain.buffers(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        h = torch.randn(16, 12)
+        for t in (0, 3, 4, 6):  # steps beyond max_steps share the last slot
+            torch.testing.assert_close(
+                fast(h, t), plain.forward_sequence(h.unsqueeze(1), first_step=t).squeeze(1)
+            )
+        for a, b in zip(fast.buffers(), plain.buffers(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
