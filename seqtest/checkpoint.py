@@ -9,12 +9,12 @@ file gives a clear error instead of a traceback from inside torch.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from seqtest.results import atomic_file
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "seqtest-checkpoint-1"
@@ -32,16 +32,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def save_atomic(path: Path, obj: Any) -> None:
     """`torch.save` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

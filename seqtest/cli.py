@@ -39,7 +39,8 @@ def share_of_cores(launcher: DictConfig | None) -> int | None:
     n_jobs = launcher.get("n_jobs")
     if not n_jobs:
         return None
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1  # the cores this process may use (a SLURM or taskset limit counts)
     parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
     return max(1, cores // parallel)
 

@@ -101,7 +101,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,6 +113,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqtest.errors import require, require_choice, require_positive_int
+from seqtest.results import atomic_file
 from seqtest.tasks._base import Batch, Task
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -692,15 +692,8 @@ class GradientTracker:
         path = Path(path)
         if path.is_dir() or path.suffix != ".npz":
             path = path / GRADIENTS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **self.arrays())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, "wb") as handle:
+            np.savez(handle, **self.arrays())
         return path
 
     def load(self, path: str | os.PathLike, upto_step: int | None = None) -> None:

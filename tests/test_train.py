@@ -98,3 +98,16 @@ def test_training_learns_a_short_adding_problem(make_cfg, tmp_path):
                    "train.val_size=256", "train.early_stop=false")  # fmt: skip
     summary = run(cfg, tmp_path)
     assert summary["loss_ratio"] < 0.3
+
+
+def test_results_are_readable_by_others_as_the_umask_allows(tmp_path):
+    import os
+
+    from seqtest.results import write_json
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "summary.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
