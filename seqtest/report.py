@@ -190,6 +190,13 @@ class Run:
                 return _half_life_kind(float(values[index, -1]), float(rates[index, -1]))
         return None, None
 
+    def gradient_digest(self, when: str, key: str) -> float | None:
+        """A value of the summary's gradient digest (``gradients.init`` / ``.final``), such as
+        ``top_lyapunov`` or ``saturation``; None when absent or not finite."""
+        grads = self.summary.get("gradients") if self.summary else None
+        entry = grads.get(when) if isinstance(grads, dict) else None
+        return finite(entry.get(key)) if isinstance(entry, dict) else None
+
     def h_grad_profile(self, when: str) -> np.ndarray | None:
         """Mean ||dL/dh_t|| of the top layer over the steps t at the first / last probe."""
         if self.gradients is None or "h_grad" not in self.gradients:
@@ -501,6 +508,9 @@ def summarise_group(group: Group) -> dict[str, Any]:
         row[f"half_life_{when}"] = _median([v for kind, v in kinds if kind == "value"])
         row[f"half_life_{when}_none"] = sum(kind == "none" for kind, _ in kinds)
         row[f"half_life_{when}_no_fit"] = sum(kind == "no fit" for kind, _ in kinds)
+        for key in DIGEST_KEYS:
+            values = [r.gradient_digest(when, key) for r in runs]
+            row[f"{key}_{when}"] = _median([v for v in values if v is not None])
     walls = [v for v in (finite(r.summary.get("wall_time_s")) for r in finished) if v is not None]
     row["wall_time_s"] = statistics.fmean(walls) if walls else None
     row["wall_time_total_s"] = sum(walls) if walls else None
@@ -509,12 +519,16 @@ def summarise_group(group: Group) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ formatting
 
+#: Gradient-digest values reported per configuration (median over runs, init and final).
+DIGEST_KEYS = ("top_lyapunov", "saturation")
+
 CSV_COLUMNS = [
     "config", "task", "model", "length", "runs", "failed", "finished", "solved",
     "solved_fraction", "loss_ratio_mean", "loss_ratio_std", "loss_ratio_n",
     "steps_to_solve_median", "half_life_init", "half_life_init_none", "half_life_init_no_fit",
-    "half_life_final", "half_life_final_none", "half_life_final_no_fit", "wall_time_s",
-    "statuses",
+    "half_life_final", "half_life_final_none", "half_life_final_no_fit",
+    "top_lyapunov_init", "top_lyapunov_final", "saturation_init", "saturation_final",
+    "wall_time_s", "statuses",
 ]  # fmt: skip
 FIGURE_CAPTIONS = {
     "report_curves.png": "Validation loss / baseline against training step: median over seeds "
@@ -571,7 +585,8 @@ def display_rows(rows: list[dict]) -> tuple[list[dict], list[str]]:
     with_label = any(row["label"] for row in rows)
     columns = (["config"] if with_label else []) + [
         "task", "model", "T", "runs", "status", "solved", "loss / baseline",
-        "steps to solve", "half-life init", "half-life final", "wall time",
+        "steps to solve", "half-life init", "half-life final", "lyapunov init",
+        "lyapunov final", "saturated init", "saturated final", "wall time",
     ]  # fmt: skip
     shown = []
     for row in rows:
@@ -588,6 +603,10 @@ def display_rows(rows: list[dict]) -> tuple[list[dict], list[str]]:
                 "steps to solve": _g(row["steps_to_solve_median"], 4),
                 "half-life init": _half_life_cell(row, "init"),
                 "half-life final": _half_life_cell(row, "final"),
+                "lyapunov init": _g(row["top_lyapunov_init"], 3),
+                "lyapunov final": _g(row["top_lyapunov_final"], 3),
+                "saturated init": _g(row["saturation_init"], 2),
+                "saturated final": _g(row["saturation_final"], 2),
                 "wall time": _seconds(row["wall_time_s"]),
             }
         )
@@ -699,8 +718,10 @@ class Report:
             "mean ± sample std over finished runs with a finite value. *steps to solve*: median",
             "over solved runs. *half-life*: median gradient half-life of the top layer, in steps,",
             "at the first and the last gradient probe (*none*: the gradient does not decay;",
-            "*n/a*: nothing to fit, e.g. a task scored at every step).",
-            "*wall time*: mean per finished run.",
+            "*n/a*: nothing to fit, e.g. a task scored at every step). *lyapunov*: median top",
+            "finite-time Lyapunov exponent of the top layer's state-to-state Jacobian, per step.",
+            "*saturated*: median fraction of saturated units of the top layer. Both at the first",
+            "and the last probe. *wall time*: mean per finished run.",
             "",
         ]
         if self.failed:

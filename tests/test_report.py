@@ -5,6 +5,7 @@ slow end-to-end tests."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import stat
@@ -513,3 +514,18 @@ def test_a_multirun_with_a_failing_job_still_leaves_its_report(tmp_path):
     markdown = (sweep / "report.md").read_text()
     assert "## Failed runs (1)" in markdown and "train.steps=0 is invalid" in markdown
     assert "stopped early" in done.stdout
+
+
+def test_lyapunov_exponent_and_saturation_are_medians_over_seeds(tmp_path):
+    rng = np.random.default_rng(7)
+    digests = {0: (-0.5, 0.1), 1: (-0.3, 0.4), 2: (-0.1, 0.2)}
+    for seed, (lyapunov, saturation) in digests.items():
+        summary = synthetic_run(tmp_path / str(seed), model="rnn", length=20, seed=seed, rng=rng)
+        summary["gradients"]["final"] |= {"top_lyapunov": lyapunov, "saturation": saturation}
+        (tmp_path / str(seed) / "summary.json").write_text(json.dumps(summary))
+    report = rp.write_report(tmp_path, figures=False)
+    row = row_for(report, "rnn", 20)
+    assert row["top_lyapunov_final"] == pytest.approx(-0.3)
+    assert row["saturation_final"] == pytest.approx(0.2)
+    assert row["top_lyapunov_init"] is None  # every run's digest holds None there
+    assert "lyapunov final" in (tmp_path / "report.md").read_text()
