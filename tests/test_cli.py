@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,29 @@ def test_an_unknown_model_lists_the_available_ones(tmp_path):
     assert done.returncode != 0
     assert "Could not find 'model/transformer'" in done.stderr
     assert "lstm" in done.stderr and "gru" in done.stderr
+
+
+def test_analyze_mode_probes_a_fresh_model_and_a_finished_run(tmp_path):
+    trained = tmp_path / "trained"
+    done = seqtest(
+        "model=rnn", "task.length=12", "train.steps=5", "train.eval_every=5",
+        f"hydra.run.dir={trained}", *QUICK, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for source in ([], [f"from_run={trained}"]):
+        out = tmp_path / ("from_run" if source else "fresh")
+        done = seqtest(
+            "mode=analyze", "model=rnn", "task.length=12", *source, f"hydra.run.dir={out}",
+            *QUICK, cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        digest = json.loads((out / "analysis.json").read_text())
+        assert digest["model"] == "rnn" and digest["length"] == 12
+        assert digest["grad_decay_rate"] is not None and "grad_half_life" in done.stdout
+        assert (out / "gradients.npz").exists() and (out / "grad_profile.png").exists()
+        assert not (out / "summary.json").exists()  # nothing was trained
+    # the saved run's parameters were probed, not fresh ones
+    fresh = json.loads((tmp_path / "fresh" / "analysis.json").read_text())
+    saved = json.loads((tmp_path / "from_run" / "analysis.json").read_text())
+    assert saved["from_run"] == str(trained) and fresh["from_run"] is None
+    assert saved["spectral_radius"] != fresh["spectral_radius"]
