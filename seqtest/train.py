@@ -58,16 +58,16 @@ class TrainConfig:
             "a number >= 0 (0 disables clipping)",
         )
         require_choice("train.clip_mode", self.clip_mode, CLIP_MODES)
-
-    @property
-    def clipping(self) -> bool:
-        return self.clip_mode != "none" and self.clip > 0
         require(
             isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
             "train.checkpoint_every",
             self.checkpoint_every,
             "an integer >= 0 (0: checkpoint only when interrupted)",
         )
+
+    @property
+    def clipping(self) -> bool:
+        return self.clip_mode != "none" and self.clip > 0
 
 
 @dataclass

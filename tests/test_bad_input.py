@@ -29,6 +29,7 @@ BAD_VALUES = [
     ("train.eval_every=0", "train.eval_every=0 is invalid"),
     ("train.clip=-1", "train.clip=-1 is invalid: expected a number >= 0"),
     ("train.clip_mode=sometimes", "train.clip_mode='sometimes' is invalid: expected one of norm"),
+    ("train.checkpoint_every=-10", "train.checkpoint_every=-10 is invalid: expected an integer"),
     ("optim.lr=-0.1", "optim.lr=-0.1 is invalid: expected a positive number"),
     ("optim.lr=0", "optim.lr=0 is invalid: expected a positive number"),
     ("device=tpu", "device='tpu' is invalid: expected one of auto, cpu, cuda"),
