@@ -66,7 +66,9 @@ class _Style:
         return MARKERS[self.index[group.series] % len(MARKERS)]
 
     def linestyle(self, group: Group) -> str:
-        return LINESTYLES[self.length_index.get(group.length, 0) % len(LINESTYLES)]
+        """By length; series past the colour cycle also shift it, so no two lines look alike."""
+        cycle = self.index[group.series] // len(COLORS)
+        return LINESTYLES[(self.length_index.get(group.length, 0) + cycle) % len(LINESTYLES)]
 
     def label(self, group: Group) -> str:
         parts = [str(group.task)] if self.many_tasks else []
