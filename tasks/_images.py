@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from seqtest.errors import ConfigError, require
-from seqtest.tasks._base import Batch, Task
-from seqtest.tasks._common import last_step_mask, masked_accuracy
+from seqtest.tasks._base import Batch
+from seqtest.tasks._common import AccuracyTask, last_step_mask
 
 SPLITS = ("training", "validation", "test")
 
@@ -157,7 +157,7 @@ def permutation(num_pixels: int, seed: int) -> torch.Tensor:
     return torch.randperm(num_pixels, generator=torch.Generator().manual_seed(seed))
 
 
-class ImageSequenceTask(Task):
+class ImageSequenceTask(AccuracyTask):
     """Base of the pixel-by-pixel tasks. A subclass is a dataclass with the fields
     `permute`, `permutation_seed`, `holdout` and `solved_accuracy`, and implements `load()`."""
 
@@ -262,12 +262,6 @@ class ImageSequenceTask(Task):
         p = torch.bincount(labels, minlength=self._data.num_classes).double() / len(labels)
         p = p[p > 0]
         return float(-(p * p.log()).sum())
-
-    def solved(self, metrics: dict) -> bool:
-        return metrics["val_metric"] >= self.solved_accuracy
-
-    def metric(self, output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_accuracy(output, y, mask)
 
     def informative_positions(self, x: torch.Tensor) -> torch.Tensor:
         """The pixels that are not background (intensity above zero)."""

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from seqtest.errors import require, require_positive_int
-from seqtest.tasks._base import Batch, Task, register_task
-from seqtest.tasks._common import masked_accuracy
+from seqtest.tasks._base import Batch, register_task
+from seqtest.tasks._common import AccuracyTask
 
 
 @register_task("associative_recall")
 @dataclass
-class AssociativeRecallTask(Task):
+class AssociativeRecallTask(AccuracyTask):
     length: int = 50
     num_pairs: int = 8
     num_queries: int = 8
@@ -113,12 +113,6 @@ class AssociativeRecallTask(Task):
     @property
     def baseline_loss(self) -> float:
         return math.log(self.value_vocab)
-
-    def solved(self, metrics: dict) -> bool:
-        return metrics["val_metric"] >= self.solved_accuracy
-
-    def metric(self, output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_accuracy(output, y, mask)
 
     def informative_positions(self, x: torch.Tensor) -> torch.Tensor:
         """The key and value steps of the queried pairs, and the query steps themselves."""

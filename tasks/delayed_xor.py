@@ -32,15 +32,15 @@ from dataclasses import dataclass
 import torch
 
 from seqtest.errors import require, require_choice, require_positive_int
-from seqtest.tasks._base import Batch, Task, register_task
-from seqtest.tasks._common import masked_accuracy
+from seqtest.tasks._base import Batch, register_task
+from seqtest.tasks._common import AccuracyTask
 
 SCORES = ("all", "last")
 
 
 @register_task("delayed_xor")
 @dataclass
-class DelayedXorTask(Task):
+class DelayedXorTask(AccuracyTask):
     length: int = 100
     lag: int = 10
     num_bits: int = 2
@@ -94,12 +94,6 @@ class DelayedXorTask(Task):
     @property
     def baseline_loss(self) -> float:
         return math.log(2)
-
-    def solved(self, metrics: dict) -> bool:
-        return metrics["val_metric"] >= self.solved_accuracy
-
-    def metric(self, output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_accuracy(output, y, mask)
 
     def informative_positions(self, x: torch.Tensor) -> torch.Tensor:
         """Every step whose bit enters a scored target."""

@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from seqtest.errors import require, require_positive_int
-from seqtest.tasks._base import Batch, Task, register_task
-from seqtest.tasks._common import masked_accuracy
+from seqtest.tasks._base import Batch, register_task
+from seqtest.tasks._common import AccuracyTask
 
 
 @register_task("noiseless_memorisation")
 @dataclass
-class NoiselessMemorisationTask(Task):
+class NoiselessMemorisationTask(AccuracyTask):
     length: int = 100
     num_symbols: int = 5
     alphabet_size: int = 2
@@ -94,12 +94,6 @@ class NoiselessMemorisationTask(Task):
     @property
     def baseline_loss(self) -> float:
         return math.log(self.alphabet_size)
-
-    def solved(self, metrics: dict) -> bool:
-        return metrics["val_metric"] >= self.solved_accuracy
-
-    def metric(self, output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_accuracy(output, y, mask)
 
     def informative_positions(self, x: torch.Tensor) -> torch.Tensor:
         positions = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)

@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from seqtest.errors import require, require_positive_int
-from seqtest.tasks._base import Batch, Task, register_task
-from seqtest.tasks._common import last_step_mask, masked_accuracy
+from seqtest.tasks._base import Batch, register_task
+from seqtest.tasks._common import AccuracyTask, last_step_mask
 
 
 @register_task("random_permutation")
 @dataclass
-class RandomPermutationTask(Task):
+class RandomPermutationTask(AccuracyTask):
     length: int = 100
     vocab_size: int = 100
     solved_accuracy: float = 0.99
@@ -81,12 +81,6 @@ class RandomPermutationTask(Task):
     @property
     def baseline_loss(self) -> float:
         return math.log(2)
-
-    def solved(self, metrics: dict) -> bool:
-        return metrics["val_metric"] >= self.solved_accuracy
-
-    def metric(self, output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_accuracy(output, y, mask)
 
     def informative_positions(self, x: torch.Tensor) -> torch.Tensor:
         positions = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)

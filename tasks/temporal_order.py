@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from seqtest.errors import ConfigError, require, require_positive_int
-from seqtest.tasks._base import Batch, Task, register_task
-from seqtest.tasks._common import last_step_mask, masked_accuracy
+from seqtest.tasks._base import Batch, register_task
+from seqtest.tasks._common import AccuracyTask, last_step_mask
 
 NUM_DISTRACTORS = 4
 X, Y, START, END = 4, 5, 6, 7
@@ -68,7 +68,7 @@ def windows_fit(T: int, k: int) -> bool:
 
 @register_task("temporal_order")
 @dataclass
-class TemporalOrderTask(Task):
+class TemporalOrderTask(AccuracyTask):
     length: int = 100
     num_symbols: int = 2
     solved_accuracy: float = 0.99
@@ -122,12 +122,6 @@ class TemporalOrderTask(Task):
     @property
     def baseline_loss(self) -> float:
         return self.num_symbols * math.log(2)
-
-    def solved(self, metrics: dict) -> bool:
-        return metrics["val_metric"] >= self.solved_accuracy
-
-    def metric(self, output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_accuracy(output, y, mask)
 
     def informative_positions(self, x: torch.Tensor) -> torch.Tensor:
         return (x[..., X] + x[..., Y]) > 0.5
