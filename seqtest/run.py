@@ -32,11 +32,11 @@ from seqtest.gradients import GRADIENTS_FILE, AnalysisConfig, GradientTracker
 from seqtest.models import ModelConfig, build_model, count_parameters
 from seqtest.results import METRICS_FILE, SUMMARY_FILE, read_summary, write_json, write_jsonl
 from seqtest.tasks._base import Task
-from seqtest.train import TrainConfig, TrainResult, train
+from seqtest.train import STATUSES, TrainConfig, TrainResult, train
 
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_FILE = "model.pt"
-FINISHED = ("solved", "unsolved", "diverged")
+FINISHED = tuple(status for status in STATUSES if status != "interrupted")
 
 
 def resolve_device(name: str) -> torch.device:

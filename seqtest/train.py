@@ -29,6 +29,7 @@ from seqtest.checkpoint import save_checkpoint
 from seqtest.errors import require, require_choice, require_positive_int
 from seqtest.tasks._base import Batch, Task
 
+#: Every status a run can end with; all but "interrupted" mean the run is finished.
 STATUSES = ("solved", "unsolved", "diverged", "interrupted")
 CLIP_MODES = ("norm", "value", "none")
 
