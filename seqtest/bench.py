@@ -19,8 +19,11 @@ Four measurements, each a list of records (``kind`` tells them apart):
   (`seqtest.bench_probe.run_cost`).
 * ``parallel``: a sweep under ``hydra/launcher=joblib`` against the same jobs one after another
   (the basic launcher), each as a ``python -m seqtest -m ...`` subprocess.
-* ``allocator``: a training step in a fresh process with and without the glibc ``MALLOC_*``
-  settings in its environment (they are read at process start).
+* ``allocator``: a training step in fresh processes with glibc's default allocator settings
+  (``SEQTEST_MALLOC=default``) and with those seqtest applies (`seqtest.allocator`).
+
+The benchmark configures torch as a run does (`seqtest.run.configure_torch`): subnormals
+flushed and freed memory kept in the heap, for seqtest and the reference alike.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqtest import allocator
 from seqtest.models import ModelConfig, build_model
+from seqtest.run import configure_torch
 from seqtest.tasks.adding import AddingTask
 from seqtest.train import TrainConfig, train_step
 
@@ -70,14 +75,6 @@ QUICK_GRID = [(64, 200, 128)]
 FULL_GRID = [(32, 100, 64), (64, 200, 128), (128, 400, 256)]
 LR = 1e-3
 CLIP = 1.0
-
-#: The allocator settings measured (see docs/performance.md): keep freed memory in the heap
-#: instead of returning it to the system after every step.
-MALLOC_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
-    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024),
-    "MALLOC_TOP_PAD_": str(256 * 1024 * 1024),
-}
 
 
 # ---------------------------------------------------------------- the bare PyTorch reference
@@ -394,9 +391,9 @@ def parallel_records(quick: bool, rounds: int = 1, log=None) -> list[dict]:
 
 
 def _allocator_child(model: str, B: int, T: int, H: int, steps: int) -> None:
-    """Run in a fresh process: median ms per step and minor page faults per step, as JSON."""
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+    """Run in a fresh process: median ms per step and minor page faults per step, as JSON.
+    The parent sets SEQTEST_MALLOC to choose glibc's defaults or seqtest's settings."""
+    configure_torch(1)
     step = seqtest_step(model, B, T, H)
     for _ in range(3):
         step()
@@ -411,15 +408,15 @@ def _allocator_child(model: str, B: int, T: int, H: int, steps: int) -> None:
 
 
 def allocator_records(cases: Iterable[tuple], rounds: int, steps: int, log=None) -> list[dict]:
-    """Each (model, B, T, H) in fresh processes with and without `MALLOC_ENV`, interleaved."""
+    """Each (model, B, T, H) in fresh processes with glibc's default allocator settings and
+    with seqtest's (`seqtest.allocator`), interleaved."""
     records = []
     for model, B, T, H in cases:
-        results: dict[str, list[dict]] = {"default": [], "malloc_env": []}
+        results: dict[str, list[dict]] = {"default": [], "tuned": []}
         for _ in range(rounds):
             for setting in results:
                 env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-                if setting == "malloc_env":
-                    env |= MALLOC_ENV
+                env["SEQTEST_MALLOC"] = setting
                 code = (
                     "from seqtest.bench import _allocator_child; "
                     f"_allocator_child({model!r}, {B}, {T}, {H}, {steps})"
@@ -434,7 +431,7 @@ def allocator_records(cases: Iterable[tuple], rounds: int, steps: int, log=None)
                 key: statistics.median(r[key] for r in results[s])
                 for key in ("ms", "faults_per_step")
             }
-            for s in ("default", "malloc_env")
+            for s in ("default", "tuned")
         )
         record = {
             "kind": "allocator",
@@ -443,18 +440,18 @@ def allocator_records(cases: Iterable[tuple], rounds: int, steps: int, log=None)
             "T": T,
             "H": H,
             "default_ms": default["ms"],
-            "malloc_env_ms": tuned["ms"],
+            "tuned_ms": tuned["ms"],
             "speedup": default["ms"] / tuned["ms"],
             "default_faults_per_step": default["faults_per_step"],
-            "malloc_env_faults_per_step": tuned["faults_per_step"],
-            "env": dict(MALLOC_ENV),
+            "tuned_faults_per_step": tuned["faults_per_step"],
+            "settings": dict(allocator.ENVIRONMENT),
             "rounds": rounds,
         }
         records.append(record)
         if log:
             log(
                 f"allocator {model:8s} B={B} T={T} H={H}: default {default['ms']:.1f} ms "
-                f"({default['faults_per_step']:.0f} faults/step), MALLOC_* {tuned['ms']:.1f} ms "
+                f"({default['faults_per_step']:.0f} faults/step), tuned {tuned['ms']:.1f} ms "
                 f"({tuned['faults_per_step']:.0f} faults/step), speed-up {record['speedup']:.2f}x"
             )
     return records
@@ -473,6 +470,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "load_average": os.getloadavg(),
         "threads": torch.get_num_threads(),
+        "allocator": allocator.keep_freed_memory(),
     }
 
 
@@ -495,8 +493,7 @@ def main(argv=None) -> list[dict]:
         default=("steps", "probes", "parallel", "allocator"),
     )  # fmt: skip
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    configure_torch(args.threads)  # as a run: flush subnormals, keep freed memory
     quick = args.quick
     grid = args.grid or (QUICK_GRID if quick else FULL_GRID)
     rounds = args.rounds or (3 if quick else 7)

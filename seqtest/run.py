@@ -26,6 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from seqtest.allocator import keep_freed_memory
 from seqtest.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_atomic
 from seqtest.errors import ConfigError, require, require_choice
 from seqtest.gradients import GRADIENTS_FILE, AnalysisConfig, GradientTracker
@@ -70,6 +71,9 @@ def build_task(cfg: DictConfig) -> Task:
 
 
 def configure_torch(threads: int | None) -> None:
+    # Large buffers freed at the end of a step stay in the heap for the next one instead of
+    # being unmapped and faulted in again (seqtest.allocator; SEQTEST_MALLOC=default opts out).
+    keep_freed_memory()
     # Vanishing gradients are tiny numbers; subnormal floats make CPU steps many times slower.
     # Flushing them to zero hides nothing the analysis reports: it flags every step whose
     # gradient norm is below the smallest normal float as underflow, flushed or not.
