@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqtest.bptt import Normalisation, normalised_lstm
 from seqtest.errors import ConfigError, require, require_choice, require_positive_int
 from seqtest.init import SCHEMES, init_gate_blocks
 
@@ -262,8 +263,49 @@ class RecurrentLayer(nn.Module):
         """[B, T, in] -> hidden states [B, T, H]."""
         if self.config.fused:
             return self.fused(x)[0]
+        if self.uses_bptt(x):
+            w_ih, w_hh, _, _ = self.weights()
+            return normalised_lstm(x, w_ih, w_hh, *self.normalisations())
         hs, _, _ = self.unroll(x)
         return torch.stack(hs, dim=1)
+
+    def uses_bptt(self, x: torch.Tensor) -> bool:
+        """Whether `forward` takes the hand-written BPTT of `seqtest.bptt`: a normalised LSTM
+        training with gradients on (batch norm needs two samples for batch statistics).
+        Otherwise the step-by-step loop runs: under no_grad it records nothing anyway."""
+        config = self.config
+        if config.cell != "lstm" or config.norm == "none":
+            return False
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        return config.norm == "layer" or x.shape[0] >= 2
+
+    def normalisations(self) -> tuple[Normalisation, Normalisation, Normalisation]:
+        """The normalisations of W_ih x, W_hh h and c, as `seqtest.bptt` takes them. The first
+        one's shift carries both biases: N_x(u) + N_h(a) + b_ih + b_hh in one term."""
+        _, _, b_ih, b_hh = self.weights()
+        shift = b_ih + b_hh
+        if self.norm_x.bias is not None:
+            shift = shift + self.norm_x.bias
+        shifts = (shift, self.norm_h.bias, self.norm_c.bias)
+        modules = (self.norm_x, self.norm_h, self.norm_c)
+        if self.config.norm == "layer":
+            return tuple(
+                Normalisation("layer", norm.weight, bias, norm.eps)
+                for norm, bias in zip(modules, shifts, strict=True)
+            )
+        return tuple(
+            Normalisation(
+                "batch",
+                norm.weight,
+                bias,
+                norm.eps,
+                norm.momentum,
+                norm.running_mean,
+                norm.running_var,
+            )  # fmt: skip
+            for norm, bias in zip(modules, shifts, strict=True)
+        )
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The input term of every step at once, [B, T, G*H]: W_ih x + b_ih for plain cells;
