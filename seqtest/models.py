@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqtest.bptt import Normalisation, normalised_lstm
+from seqtest.bptt import RNN_ACTIVATIONS, Normalisation, elementwise_rnn, normalised_lstm
 from seqtest.errors import ConfigError, require, require_choice, require_positive_int
 from seqtest.init import SCHEMES, init_gate_blocks
 
@@ -260,25 +260,41 @@ class RecurrentLayer(nn.Module):
         return f.weight_ih_l0, f.weight_hh_l0, f.bias_ih_l0, f.bias_hh_l0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, in] -> hidden states [B, T, H]."""
-        if self.config.fused:
+        """[B, T, in] -> hidden states [B, T, H], on the path `path` chooses."""
+        path = self.path(x)
+        w_ih, w_hh, b_ih, b_hh = self.weights()
+        if path == "fused":
             return self.fused(x)[0]
-        if self.uses_bptt(x):
-            w_ih, w_hh, _, _ = self.weights()
+        if path == "bptt" and self.config.cell == "rnn":
+            config = self.config
+            return elementwise_rnn(
+                x, w_ih, w_hh, b_ih + b_hh, config.activation, config.leaky_slope
+            )
+        if path == "bptt":
             return normalised_lstm(x, w_ih, w_hh, *self.normalisations())
         hs, _, _ = self.unroll(x)
         return torch.stack(hs, dim=1)
 
-    def uses_bptt(self, x: torch.Tensor) -> bool:
-        """Whether `forward` takes the hand-written BPTT of `seqtest.bptt`: a normalised LSTM
-        training with gradients on (batch norm needs two samples for batch statistics).
-        Otherwise the step-by-step loop runs: under no_grad it records nothing anyway."""
+    def path(self, x: torch.Tensor) -> str:
+        """How `forward` computes this layer, the fastest measured for the cell (benchmarks:
+        docs/performance.md; each path is tested against the twin `unroll`):
+
+        * "bptt": training with gradients on, a vanilla RNN with an activation of
+          `seqtest.bptt.RNN_ACTIVATIONS` or a layer- or batch-norm LSTM (batch norm needs two
+          samples for batch statistics): the hand-written BPTT of `seqtest.bptt`;
+        * "fused": otherwise, cells PyTorch's kernels compute exactly (no autograd graph to
+          build in evaluation, so the kernel is the fastest there);
+        * "loop": the rest, the twin's step-by-step loop.
+        """
         config = self.config
-        if config.cell != "lstm" or config.norm == "none":
-            return False
-        if not (self.training and torch.is_grad_enabled()):
-            return False
-        return config.norm == "layer" or x.shape[0] >= 2
+        if self.training and torch.is_grad_enabled():
+            if config.cell == "rnn" and config.norm == "none":
+                if config.activation in RNN_ACTIVATIONS:
+                    return "bptt"
+            elif config.cell == "lstm" and config.norm != "none":
+                if config.norm == "layer" or x.shape[0] >= 2:
+                    return "bptt"
+        return "fused" if config.fused else "loop"
 
     def normalisations(self) -> tuple[Normalisation, Normalisation, Normalisation]:
         """The normalisations of W_ih x, W_hh h and c, as `seqtest.bptt` takes them. The first
