@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqtest.bptt import RNN_ACTIVATIONS, Normalisation, elementwise_rnn, normalised_lstm
+from seqtest.bptt import RNN_ACTIVATIONS, Normalisation, elementwise_rnn, gru, normalised_lstm
 from seqtest.errors import ConfigError, require, require_choice, require_positive_int
 from seqtest.init import SCHEMES, init_gate_blocks
 
@@ -270,6 +270,8 @@ class RecurrentLayer(nn.Module):
             return elementwise_rnn(
                 x, w_ih, w_hh, b_ih + b_hh, config.activation, config.leaky_slope
             )
+        if path == "bptt" and self.config.cell == "gru":
+            return gru(x, w_ih, w_hh, b_ih, b_hh)
         if path == "bptt":
             return normalised_lstm(x, w_ih, w_hh, *self.normalisations())
         hs, _, _ = self.unroll(x)
@@ -280,8 +282,9 @@ class RecurrentLayer(nn.Module):
         docs/performance.md; each path is tested against the twin `unroll`):
 
         * "bptt": training with gradients on, a vanilla RNN with an activation of
-          `seqtest.bptt.RNN_ACTIVATIONS` or a layer- or batch-norm LSTM (batch norm needs two
-          samples for batch statistics): the hand-written BPTT of `seqtest.bptt`;
+          `seqtest.bptt.RNN_ACTIVATIONS`, a GRU, or a layer- or batch-norm LSTM (batch norm
+          needs two samples for batch statistics): the hand-written BPTT of `seqtest.bptt`;
+          the plain LSTM keeps `nn.LSTM`, whose fused CPU kernel is faster than any loop;
         * "fused": otherwise, cells PyTorch's kernels compute exactly (no autograd graph to
           build in evaluation, so the kernel is the fastest there);
         * "loop": the rest, the twin's step-by-step loop.
@@ -291,6 +294,8 @@ class RecurrentLayer(nn.Module):
             if config.cell == "rnn" and config.norm == "none":
                 if config.activation in RNN_ACTIVATIONS:
                     return "bptt"
+            elif config.cell == "gru":
+                return "bptt"
             elif config.cell == "lstm" and config.norm != "none":
                 if config.norm == "layer" or x.shape[0] >= 2:
                     return "bptt"

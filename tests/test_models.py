@@ -125,16 +125,24 @@ def test_hand_written_bptt_is_used_only_for_training_with_gradients():
     assert make("lstm", 1, norm="batch").layers[0].path(x[:1]) == "loop"
     assert make("rnn", 1, activation="prelu").layers[0].path(x) == "loop"
     assert make("rnn", 1, norm="layer").layers[0].path(x) == "loop"
-    for cell in ("lstm", "gru"):
-        assert make(cell, 1).layers[0].path(x) == "fused"
+    assert make("lstm", 1).layers[0].path(x) == "fused"
+    gru_layer = make("gru", 1).layers[0]
+    assert gru_layer.path(x) == "bptt" and gru_layer.eval().path(x) == "fused"
 
 
-@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu", "leaky_relu", "elu"])
+@pytest.mark.parametrize(
+    "cell,activation",
+    [("rnn", "tanh"), ("rnn", "sigmoid"), ("rnn", "relu"), ("rnn", "leaky_relu"),
+     ("rnn", "elu"), ("gru", "tanh")],
+)  # fmt: skip
 @pytest.mark.parametrize("layers,residual", [(1, False), (2, True)])
-def test_hand_written_rnn_bptt_matches_autograd_through_the_twin(activation, layers, residual):
-    """The vanilla RNN's training path (seqtest.bptt.ElementwiseRNN) against autograd through
-    the twin, in float64: outputs and the gradients of the input and every parameter."""
-    model = make("rnn", layers, activation=activation, residual=residual, leaky_slope=0.1)
+def test_hand_written_rnn_and_gru_bptt_match_autograd_through_the_twin(
+    cell, activation, layers, residual
+):
+    """The vanilla RNN's and the GRU's training paths (seqtest.bptt.ElementwiseRNN, GRU)
+    against autograd through the twin, in float64: outputs and the gradients of the input
+    and every parameter."""
+    model = make(cell, layers, activation=activation, residual=residual, leaky_slope=0.1)
     model = model.double()
     twin = copy.deepcopy(model)
     x = torch.randn(5, 10, 3, dtype=torch.float64)
@@ -149,10 +157,11 @@ def test_hand_written_rnn_bptt_matches_autograd_through_the_twin(activation, lay
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
 
 
-def test_hand_written_rnn_bptt_matches_nn_rnn_in_float32():
-    """The issue's tolerance, against PyTorch's own kernel: loss and gradients to 1e-5."""
-    model = make("rnn", 2)
-    fused = copy.deepcopy(model).eval()  # evaluation mode (no other effect here): nn.RNN
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_hand_written_bptt_matches_the_fused_kernel_in_float32(cell):
+    """Against PyTorch's own nn.RNN / nn.GRU: outputs and gradients to 1e-5."""
+    model = make(cell, 2)
+    fused = copy.deepcopy(model).eval()  # evaluation mode (no other effect here): the kernel
     x = torch.randn(8, 30, 3)
     weights = torch.randn(8, 30, 2)
     out, grads = gradients(model, x, weights)
