@@ -286,10 +286,13 @@ class RecurrentLayer(nn.Module):
           needs two samples for batch statistics): the hand-written BPTT of `seqtest.bptt`;
           the plain LSTM keeps `nn.LSTM`, whose fused CPU kernel is faster than any loop;
         * "fused": otherwise, cells PyTorch's kernels compute exactly (no autograd graph to
-          build in evaluation, so the kernel is the fastest there);
+          build in evaluation, so the kernel is the fastest there), and on GPUs always: there
+          cuDNN fuses the whole sequence, and the hand-written paths were measured on CPU only;
         * "loop": the rest, the twin's step-by-step loop.
         """
         config = self.config
+        if config.fused and x.device.type != "cpu":
+            return "fused"
         if self.training and torch.is_grad_enabled():
             if config.cell == "rnn" and config.norm == "none":
                 if config.activation in RNN_ACTIVATIONS:
