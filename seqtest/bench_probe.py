@@ -23,6 +23,7 @@ import torch
 
 from seqtest.gradients import AnalysisConfig, probe
 from seqtest.models import build_model
+from seqtest.run import configure_torch
 from seqtest.tasks.adding import AddingTask
 
 
@@ -101,8 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--run-cost", action="store_true", help="probe share of a run's time")
     parser.add_argument("--steps", type=int, default=1000)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    configure_torch(args.threads)  # as a run: flush subnormals, keep freed memory
     if args.run_cost:
         for cell in args.cells:
             cost = run_cost(cell, args.length, args.steps, args.hidden)
