@@ -65,11 +65,18 @@ class Normalisation:
     running_mean: torch.Tensor | None = None
     running_var: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # what every step needs, made once: the per-call Python work is a fair share of a
+        # small layer's step
+        self.shape = self.weight.shape
+        self.mask = [True, True, self.bias is not None]
+        self.last = self.running_mean.shape[0] - 1 if self.kind == "batch" else 0
+
     def forward(self, x: torch.Tensor, t: int):
         """(normalised x, mean, inverse std) of one step."""
         if self.kind == "layer":
-            return torch.native_layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        slot = min(t, self.running_mean.shape[0] - 1)
+            return torch.native_layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+        slot = t if t < self.last else self.last
         return torch.native_batch_norm(
             x, self.weight, self.bias, self.running_mean[slot], self.running_var[slot],
             True, self.momentum, self.eps,
@@ -77,16 +84,15 @@ class Normalisation:
 
     def backward(self, grad: torch.Tensor, x: torch.Tensor, mean, rstd, grads: list):
         """dL/dx of one step from dL/d(output); adds the step's d weight and d bias to `grads`
-        (summed step by step while the step's tensors are in cache: one pass over the [T, ...]
-        buffers at the end would cost more than the whole loop's additions)."""
-        mask = [True, True, self.bias is not None]
+        (summing them step by step measured faster than passes over [T, B, ...] buffers at
+        the end)."""
         if self.kind == "layer":
             d_x, d_weight, d_bias = aten.native_layer_norm_backward(
-                grad, x, x.shape[-1:], mean, rstd, self.weight, self.bias, mask
+                grad, x, self.shape, mean, rstd, self.weight, self.bias, self.mask
             )
         else:
             d_x, d_weight, d_bias = aten.native_batch_norm_backward(
-                grad, x, self.weight, None, None, mean, rstd, True, self.eps, mask
+                grad, x, self.weight, None, None, mean, rstd, True, self.eps, self.mask
             )
         if not grads:
             grads.extend((d_weight, d_bias))
@@ -123,24 +129,32 @@ class NormalisedLSTM(torch.autograd.Function):
         cells[0].zero_()
         hidden[0].zero_()
         stats = [], [], []  # (mean, rstd) of N_x, N_h, N_c at every step
+        # every step's views, made in a few calls instead of a dozen per step
+        step_x, step_u, step_a = steps.unbind(0), inputs.unbind(0), pre_norm.unbind(0)
+        step_act, step_k, step_h, step_c = (
+            gates.unbind(0),
+            tanh_cells.unbind(0),
+            hidden.unbind(0),
+            cells.unbind(0),
+        )
+        step_i, step_f, step_g, step_o = (block.unbind(0) for block in gates.chunk(4, dim=2))
         for t in range(T):
-            u = torch.mm(steps[t], w_ih_t, out=inputs[t])
+            u = torch.mm(step_x[t], w_ih_t, out=step_u[t])
             z, *stat = norm_x.forward(u, t)
             stats[0].append(stat)
-            a = torch.mm(hidden[t], w_hh_t, out=pre_norm[t])
+            a = torch.mm(step_h[t], w_hh_t, out=step_a[t])
             n, *stat = norm_h.forward(a, t)
             stats[1].append(stat)
             z += n
-            act = gates[t]
-            torch.sigmoid(z, out=act)
-            torch.tanh(z[:, 2 * H : 3 * H], out=act[:, 2 * H : 3 * H])
-            i, f, g, o = act.chunk(4, dim=1)
-            c = torch.mul(f, cells[t], out=cells[t + 1])
-            c.addcmul_(i, g)
+            g = step_g[t]
+            torch.sigmoid(z, out=step_act[t])
+            torch.tanh(z[:, 2 * H : 3 * H], out=g)
+            c = torch.mul(step_f[t], step_c[t], out=step_c[t + 1])
+            c.addcmul_(step_i[t], g)
             m, *stat = norm_c.forward(c, t)
             stats[2].append(stat)
-            k = torch.tanh(m, out=tanh_cells[t])
-            torch.mul(o, k, out=hidden[t + 1])
+            k = torch.tanh(m, out=step_k[t])
+            torch.mul(step_o[t], k, out=step_h[t + 1])
         ctx.norms = norm_x, norm_h, norm_c
         ctx.stats = stats
         ctx.save_for_backward(steps, w_ih, w_hh, inputs, pre_norm, gates, cells, tanh_cells, hidden)
@@ -162,28 +176,38 @@ class NormalisedLSTM(torch.autograd.Function):
         grads = [], [], []  # (d weight, d bias) of N_x, N_h, N_c, summed over the steps
         dh = grad_hidden[T - 1].clone()
         dc = torch.zeros_like(cells[0])
+        d_i, d_f, d_g, d_o = d_act.chunk(4, dim=1)
+        dz_g = dz[:, 2 * H : 3 * H]
+        step_act, step_k, step_c = gates.unbind(0), tanh_cells.unbind(0), cells.unbind(0)
+        step_i, step_f, step_g, step_o = (block.unbind(0) for block in gates.chunk(4, dim=2))
+        step_x, step_u, step_a, step_h = (
+            steps.unbind(0),
+            inputs.unbind(0),
+            pre_norm.unbind(0),
+            hidden.unbind(0),
+        )
+        step_dx = d_steps.unbind(0) if d_steps is not None else None
+        step_grad = grad_hidden.unbind(0)
         for t in range(T - 1, -1, -1):
-            act, k = gates[t], tanh_cells[t]
-            i, f, g, o = act.chunk(4, dim=1)
-            d_i, d_f, d_g, d_o = d_act.chunk(4, dim=1)
+            k, g = step_k[t], step_g[t]
             torch.mul(dh, k, out=d_o)
-            d_m = aten.tanh_backward(dh * o, k)  # dL/dN_c(c_t)
-            dc += norm_c.backward(d_m, cells[t + 1], *stats_c[t], grads[2])
+            d_m = aten.tanh_backward(dh * step_o[t], k)  # dL/dN_c(c_t)
+            dc += norm_c.backward(d_m, step_c[t + 1], *stats_c[t], grads[2])
             torch.mul(dc, g, out=d_i)
-            torch.mul(dc, cells[t], out=d_f)
-            torch.mul(dc, i, out=d_g)
-            dc *= f
+            torch.mul(dc, step_c[t], out=d_f)
+            torch.mul(dc, step_i[t], out=d_g)
+            dc *= step_f[t]
             # sigmoid' for every block, then tanh' over the g block
-            aten.sigmoid_backward.grad_input(d_act, act, grad_input=dz)
-            aten.tanh_backward.grad_input(d_g, g, grad_input=dz[:, 2 * H : 3 * H])
-            du = norm_x.backward(dz, inputs[t], *stats_x[t], grads[0])
-            d_w_ih.addmm_(du.t(), steps[t])
-            if d_steps is not None:
-                torch.mm(du, w_ih, out=d_steps[t])
-            da = norm_h.backward(dz, pre_norm[t], *stats_h[t], grads[1])
+            aten.sigmoid_backward.grad_input(d_act, step_act[t], grad_input=dz)
+            aten.tanh_backward.grad_input(d_g, g, grad_input=dz_g)
+            du = norm_x.backward(dz, step_u[t], *stats_x[t], grads[0])
+            d_w_ih.addmm_(du.t(), step_x[t])
+            if step_dx is not None:
+                torch.mm(du, w_ih, out=step_dx[t])
+            da = norm_h.backward(dz, step_a[t], *stats_h[t], grads[1])
             if t > 0:  # h_0 = 0: step 0 adds nothing to W_hh's gradient and has no h before
-                d_w_hh.addmm_(da.t(), hidden[t])
-                dh = torch.addmm(grad_hidden[t - 1], da, w_hh)
+                d_w_hh.addmm_(da.t(), step_h[t])
+                dh = torch.addmm(step_grad[t - 1], da, w_hh)
         d_x = d_steps.transpose(0, 1) if d_steps is not None else None
         return (d_x, d_w_ih, d_w_hh, None, None, None, *grads[0], *grads[1], *grads[2])
 
