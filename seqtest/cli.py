@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from seqtest.checkpoint import CheckpointError
 from seqtest.errors import ConfigError, require_choice
-from seqtest.results import format_table
+from seqtest.results import RunFolderBusy, format_table
 from seqtest.run import analyze, run
 
 log = logging.getLogger("seqtest")
@@ -66,6 +66,10 @@ def main(cfg: DictConfig) -> float:
     except CheckpointError as error:
         log.error("%s", error)
         print(f"seqtest: cannot resume: {error}", file=sys.stderr)
+        sys.exit(2)
+    except RunFolderBusy as error:
+        log.error("%s", error)
+        print(f"seqtest: {error}", file=sys.stderr)
         sys.exit(2)
     log.info(
         "%s %s T=%s seed=%s: %s, final loss / baseline %.4g, %d steps",

@@ -6,6 +6,7 @@ Files of one run folder:
 * ``metrics.jsonl``: one JSON object per evaluation, with ``step``, ``train_loss``,
   ``val_loss``, ``val_metric``, ``grad_norm`` (pre-clip), ``elapsed_s`` (and extra fields).
 * ``summary.json``: written once at the end (see `seqtest.run.summarise`).
+* ``.seqtest.lock``: held (flock) by the process writing the folder (`exclusive_folder`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,48 @@ from typing import IO, Any
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".seqtest.lock"
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process is writing the run folder."""
+
+
+@contextmanager
+def exclusive_folder(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder while a run writes it.
+
+    Two processes writing one folder overwrite each other's files silently; that happens when
+    a sweep is relaunched into a folder whose earlier workers still run (joblib's workers
+    outlive a signal to the launching process). The second one stops with `RunFolderBusy`
+    instead. The lock is an `flock` on `LOCK_FILE`, which the system releases when the holding
+    process ends, however it ends, so an interrupted run can be resumed at once. Where
+    `fcntl` does not exist (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunFolderBusy(
+                f"run folder {folder} is being written by another process (pid {holder}); "
+                "stop it, or write this run to another folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _clean(value: Any) -> Any:

@@ -31,7 +31,14 @@ from seqtest.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, s
 from seqtest.errors import ConfigError, require, require_choice
 from seqtest.gradients import GRADIENTS_FILE, AnalysisConfig, GradientTracker
 from seqtest.models import ModelConfig, build_model, count_parameters
-from seqtest.results import METRICS_FILE, SUMMARY_FILE, read_summary, write_json, write_jsonl
+from seqtest.results import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    exclusive_folder,
+    read_summary,
+    write_json,
+    write_jsonl,
+)
 from seqtest.tasks._base import Task
 from seqtest.train import STATUSES, TrainConfig, TrainResult, train
 
@@ -209,6 +216,12 @@ def run(cfg: DictConfig, out_dir: str | Path = ".") -> dict:
     out_dir = Path(out_dir)
     started = time.perf_counter()
     setup = Setup(cfg)
+    with exclusive_folder(out_dir):
+        return _train_and_write(cfg, setup, out_dir, started)
+
+
+def _train_and_write(cfg: DictConfig, setup: Setup, out_dir: Path, started: float) -> dict:
+    """`run` after validation, with the run folder held."""
     checkpoint_path = out_dir / CHECKPOINT_FILE
     resume_from = None
     if cfg.get("resume"):

@@ -1,4 +1,5 @@
-"""Divergence, interruption and resume, finished-run skipping, and damaged checkpoints."""
+"""Divergence, interruption and resume, finished-run skipping, damaged checkpoints, and two
+processes in one run folder."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from seqtest.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
-from seqtest.results import read_metrics, read_summary
+from seqtest.results import LOCK_FILE, RunFolderBusy, read_metrics, read_summary
 from seqtest.run import run
 from tests.conftest import TINY
 
@@ -93,6 +94,37 @@ def test_a_damaged_checkpoint_gives_a_clear_error(make_cfg, tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / CHECKPOINT_FILE)
     with pytest.raises(CheckpointError, match="not a seqtest checkpoint"):
         load_checkpoint(tmp_path / CHECKPOINT_FILE)
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle, fcntl.LOCK_EX)
+handle.seek(0); handle.truncate(); handle.write(str(os.getpid())); handle.flush()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="run folders are locked with flock")
+def test_a_run_folder_another_live_process_writes_is_refused(make_cfg, tmp_path):
+    """What a sweep relaunched into a folder whose old worker still runs would do: the second
+    writer stops with a clear error and writes nothing; once the holder ends (here killed,
+    as an orphaned worker would be), the folder is free again."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / LOCK_FILE)], stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=f"another process \\(pid {holder.pid}\\)"):
+            run(_cfg(make_cfg, *NO_PROBE), tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = run(_cfg(make_cfg, *NO_PROBE), tmp_path)
+    assert summary["status"] in ("solved", "unsolved") and read_summary(tmp_path) == summary
 
 
 def test_sigterm_checkpoints_and_a_rerun_finishes_the_job(tmp_path):
