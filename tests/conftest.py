@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -23,3 +27,11 @@ def make_cfg():
 
 
 TINY = ("model.hidden_size=8", "train.batch_size=8", "train.val_size=32", "train.progress=false")
+
+
+def run_seqtest(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m seqtest ARGS` in `cwd`, as a user would run it; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "seqtest", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
+from functools import partial
 
 from seqtest.results import read_summary
+from tests.conftest import run_seqtest
 
 QUICK = ["model.hidden_size=4", "train.batch_size=4", "train.val_size=8", "train.progress=false"]
 
 
-def seqtest(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "seqtest", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+seqtest = partial(run_seqtest, timeout=300)
 
 
 def test_two_job_multirun_writes_both_runs_and_prints_the_table(tmp_path):

@@ -23,6 +23,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from seqtest.results import read_summary
+from tests.conftest import run_seqtest
 
 LAUNCHERS = Path(__file__).resolve().parents[1] / "conf" / "hydra" / "launcher"
 PRESETS = sorted(p.stem for p in LAUNCHERS.glob("*.yaml"))
@@ -115,11 +116,7 @@ def test_the_joblib_launcher_takes_its_job_count():
 # ------------------------------------------------------------------------------- sweeps (slow)
 
 
-def seqtest(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "seqtest", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+seqtest = run_seqtest
 
 
 def assert_two_job_sweep_reported(sweep: Path, done: subprocess.CompletedProcess) -> None:

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from seqtest import report as rp
 from seqtest.callbacks import SweepTable, sweep_rows
 from seqtest.results import write_json, write_jsonl
+from tests.conftest import run_seqtest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = [
@@ -476,14 +477,7 @@ QUICK = ["model.hidden_size=4", "train.batch_size=4", "train.val_size=8", "train
          "threads=1"]  # fmt: skip
 
 
-def seqtest(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "seqtest", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+seqtest = run_seqtest
 
 
 @pytest.mark.slow
