@@ -427,11 +427,14 @@ class RecurrentModel(nn.Module):
     def _residual(self, layer: int, layer_input: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out + layer_input if self.config.residual and layer > 0 else out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, steps: slice = slice(None)) -> torch.Tensor:
+        """Outputs [B, T', output_size] at the time steps `steps` (default: every step). The
+        training loop passes the task's `scored_steps`, so a task scored at its last step
+        pays for one readout, not T."""
         hidden = x
         for index, layer in enumerate(self.layers):
             hidden = self._residual(index, hidden, layer(hidden))
-        return self.readout(hidden)
+        return self.readout(hidden[:, steps])
 
     def forward_unrolled(self, x: torch.Tensor) -> tuple[torch.Tensor, States]:
         """The same function as `forward`, one step at a time, returning every state."""
@@ -493,8 +496,8 @@ class FeedforwardModel(nn.Module):
         out = x.new_zeros(x.shape[0], x.shape[1], self.readout.out_features)
         return torch.cat([out[:, :-1], self.readout(last).unsqueeze(1)], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_unrolled(x)[0]
+    def forward(self, x: torch.Tensor, steps: slice = slice(None)) -> torch.Tensor:
+        return self.forward_unrolled(x)[0][:, steps]
 
     def forward_unrolled(self, x: torch.Tensor) -> tuple[torch.Tensor, States]:
         self._check(x)

@@ -125,6 +125,7 @@ class Setup:
         # validation set and gradient-probe batch: fixed, from their own generator
         val_generator = torch.Generator(self.device).manual_seed(self.train_config.val_seed)
         self.val_batch = self.task.validation_batch(self.train_config.val_size, val_generator)
+        self.task.check_scored_steps(self.val_batch.mask)
         self.probe_batch = self.task.validation_batch(
             self.analysis_config.batch_size, val_generator
         )

@@ -1,11 +1,12 @@
 """The training loop: one loop for every task and every model.
 
-Each step: sample a batch -> forward -> task loss on the scored steps -> backward -> clip the
-global gradient norm -> optimiser step. Every `eval_every` steps (and at step 0 and the last
-step) the model is evaluated on a fixed validation set; the gradient probe, when given, runs
-at the evaluations it asks for. Per-step quantities (loss, pre-clip norm, whether anything
-went non-finite) are accumulated on the device and read only at evaluation, so the loop
-never waits for the device between evaluations.
+Each step: sample a batch -> forward -> task loss on the scored steps (the readout runs on the
+task's `scored_steps` only) -> backward -> clip the global gradient norm -> optimiser step.
+Every `eval_every` steps (and at step 0 and the last step) the model is evaluated on a fixed
+validation set; the gradient probe, when given, runs at the evaluations it asks for. Per-step
+quantities (loss, pre-clip norm, whether anything went non-finite) are accumulated on the
+device and read only at evaluation, so the loop never waits for the device between
+evaluations.
 
 The loop stops early when the task is solved (`early_stop`), when the loss or the gradient
 becomes non-finite (status "diverged"), or when `should_stop()` says so (status
@@ -140,7 +141,8 @@ def train_step(
     Returns (the loss, the gradient norm before clipping, whether it was clipped), detached and
     on the device. The loop runs this; `seqtest.bench` times it."""
     x, y, mask = task.sample(config.batch_size, generator)
-    loss = task.loss(model(x), y, mask)
+    steps = task.scored_steps  # the readout and the loss skip the steps no sample scores
+    loss = task.loss(model(x, steps), y[:, steps], mask[:, steps])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm, clipped = clip_gradients(parameters, config.clip, config.clip_mode)

@@ -46,6 +46,13 @@ class Task(ABC):
     metric_name: ClassVar[str | None] = None
     #: The baseline as a formula of the parameters, for listings (`seqtest-tasks`).
     baseline_formula: ClassVar[str | None] = None
+    #: The time steps that any sample may score, as a slice of the time axis. Training applies
+    #: the readout and the loss to these steps only (a task scored at its last step alone
+    #: declares ``slice(-1, None)``), which saves the readout of every unscored step. Every
+    #: step of the mask must lie inside it; a run checks that on its validation set
+    #: (`check_scored_steps`). The default, every step, is always correct. A task whose scored
+    #: range depends on its parameters overrides this with a property.
+    scored_steps: ClassVar[slice] = slice(None)
 
     input_size: int
     output_size: int
@@ -88,6 +95,20 @@ class Task(ABC):
                 output.reshape(-1, classes), y.reshape(-1), reduction="none"
             ).view_as(weight)
         return (per_step * weight).sum() / weight.sum()
+
+    def check_scored_steps(self, mask: torch.Tensor) -> None:
+        """Raise `ConfigError` if `mask` scores a step outside `scored_steps`: training would
+        silently leave that step out of the loss."""
+        outside = torch.ones(mask.shape[1], dtype=torch.bool, device=mask.device)
+        outside[self.scored_steps] = False
+        if bool(mask[:, outside].any()):
+            step = int(mask[:, outside].any(0).nonzero()[0])
+            step = int(outside.nonzero()[step])
+            raise ConfigError(
+                f"task {self.name!r} declares scored_steps={self.scored_steps} "
+                f"but its mask scores step {step} of {mask.shape[1]}: widen scored_steps "
+                "(slice(None) scores every step)"
+            )
 
     def metric(
         self, output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor

@@ -163,6 +163,7 @@ class ImageSequenceTask(AccuracyTask):
 
     loss_kind = "cross_entropy"
     metric_name = "accuracy"
+    scored_steps = slice(-1, None)  # the last step alone
     baseline_formula = "H(labels) = -sum_c p_c ln p_c over the training split (about ln 10)"
     input_size = 1
 

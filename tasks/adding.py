@@ -70,6 +70,7 @@ class AddingTask(Task):
     solved_mse: float = 0.01
 
     loss_kind = "mse"
+    scored_steps = slice(-1, None)  # the last step alone
     baseline_formula = "Var[x1+x2] = 1/6 (halves, anywhere); Var[0.5+(x1+x2)/4] = 1/24 (hochreiter)"
     input_size = 2
     output_size = 1

@@ -91,6 +91,10 @@ class AssociativeRecallTask(AccuracyTask):
         """First query (scored) step."""
         return 2 * self.num_pairs + self.length
 
+    @property
+    def scored_steps(self) -> slice:
+        return slice(self.query_start, None)
+
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         P, Q, device = self.num_pairs, self.num_queries, generator.device
         order = torch.rand(batch_size, self.key_vocab, generator=generator, device=device)

@@ -80,6 +80,10 @@ class DelayedXorTask(AccuracyTask):
     def first_scored(self) -> int:
         return self.length - 1 if self.score == "last" else (self.num_bits - 1) * self.lag
 
+    @property
+    def scored_steps(self) -> slice:
+        return slice(self.first_scored, None)
+
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         T, L, device = self.length, self.lag, generator.device
         bits = torch.randint(0, 2, (batch_size, T), generator=generator, device=device)

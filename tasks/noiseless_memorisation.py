@@ -77,6 +77,10 @@ class NoiselessMemorisationTask(AccuracyTask):
         """First scored step."""
         return self.length + self.num_symbols
 
+    @property
+    def scored_steps(self) -> slice:
+        return slice(self.recall_start, None)
+
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         S, device = self.num_symbols, generator.device
         pattern = torch.randint(

@@ -78,6 +78,10 @@ class SelectiveCopyTask(AccuracyTask):
     def delimiter(self) -> int:
         return self.alphabet_size + 1
 
+    @property
+    def scored_steps(self) -> slice:
+        return slice(self.length + 1, None)
+
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         T, S, device = self.length, self.num_symbols, generator.device
         positions = distinct_sorted_positions(batch_size, T, S, generator)

@@ -75,6 +75,7 @@ class TemporalOrderTask(AccuracyTask):
 
     loss_kind = "cross_entropy"
     metric_name = "accuracy"
+    scored_steps = slice(-1, None)  # the last step alone
     baseline_formula = "k ln 2 for k relevant symbols (ln 4 for 2, ln 8 for 3)"
     input_size = NUM_DISTRACTORS + 4
 

@@ -11,7 +11,7 @@ from seqtest.models import build_model
 from seqtest.results import read_metrics, read_summary
 from seqtest.run import run
 from seqtest.tasks.adding import AddingTask
-from seqtest.train import TrainConfig, train
+from seqtest.train import TrainConfig, train, train_step
 from tests.conftest import TINY
 
 
@@ -111,3 +111,50 @@ def test_results_are_readable_by_others_as_the_umask_allows(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru", "mlp"])
+def test_a_training_step_reads_out_only_the_scored_steps_and_loses_nothing(cell):
+    """The adding task scores its last step alone (`scored_steps`): the readout sees one step,
+    and the loss and every gradient equal those of the readout over all T steps."""
+    task = AddingTask(length=9)
+    torch.manual_seed(0)
+    model = build_model(dict(cell=cell, hidden_size=8), 2, 1, task.seq_len).double()
+    x, y, mask = task.sample(6, torch.Generator().manual_seed(1))
+    x, y = x.double(), y.double()
+
+    def loss_and_grads(full: bool):
+        model.zero_grad()
+        steps = slice(None) if full else task.scored_steps
+        loss = task.loss(model(x, steps), y[:, steps], mask[:, steps])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    seen = []
+    hook = model.readout.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    sliced, full = loss_and_grads(full=False), loss_and_grads(full=True)
+    hook.remove()
+    if cell != "mlp":  # the feedforward baseline answers at the last step only anyway
+        assert seen == [(6, 1, 8), (6, 9, 8)]
+        seen.clear()
+        model.float().readout.register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        config = TrainConfig(batch_size=6, progress=False)
+        train_step(model, task, optimizer, list(model.parameters()), config, torch.Generator())
+        assert seen == [(6, 1, 8)]  # the training loop passes the task's scored steps
+    assert torch.allclose(sliced[0], full[0], rtol=1e-12, atol=0)
+    for a, b in zip(sliced[1], full[1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_a_task_that_scores_outside_its_declared_steps_is_refused(make_cfg, tmp_path, monkeypatch):
+    """A too narrow `scored_steps` would drop scored steps from the training loss silently;
+    the run refuses it, naming the task and the step, before it writes anything."""
+    from seqtest.errors import ConfigError
+    from seqtest.tasks.copying import CopyingTask
+
+    monkeypatch.setattr(CopyingTask, "scored_steps", slice(-1, None))  # copying scores all
+    cfg = make_cfg("task=copying", "task.length=5", "task.num_symbols=2", *TINY)
+    with pytest.raises(ConfigError, match=r"'copying'.*scored_steps=slice\(-1, None, None\)"):
+        run(cfg, tmp_path)
+    assert not any(p.name != ".seqtest.lock" for p in tmp_path.iterdir())
