@@ -305,7 +305,12 @@ class GRU(torch.autograd.Function):
         h_t = (1 - z) n + z h_{t-1}
 
     The input term of all steps in one product; per step one `addmm`, the gates and one
-    `lerp`. The backward pass sums W_hh's and b_hh's gradients step by step."""
+    `lerp`. The gates overwrite the input term, and the backward pass writes its
+    dL/d(W_hh h_{t-1} + b_hh) over W_hh h_{t-1} + b_hh: two [T, B, 3H] buffers fewer to
+    allocate, fault in and free each step (a GRU layer's forward, backward and Adam step
+    measured 0.92x, 0.82x and 0.83x of the time with separate buffers at (B, T, H) =
+    (32, 100, 64), (64, 200, 128) and (128, 400, 256); one thread, CPU time, machine under
+    load). The price: the backward pass can run only once per forward."""
 
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, b_ih, b_hh):
@@ -313,31 +318,38 @@ class GRU(torch.autograd.Function):
         G = w_hh.shape[0]
         H = G // 3
         steps = x.transpose(0, 1).contiguous()  # [T, B, in]
-        inputs = torch.addmm(b_ih, steps.view(T * B, -1), w_ih.t()).view(T, B, G)
+        # the input term of every step, turned into the gates r, z, n in place step by step
+        gates = torch.addmm(b_ih, steps.view(T * B, -1), w_ih.t()).view(T, B, G)
         recurrent = x.new_empty(T, B, G)  # W_hh h_{t-1} + b_hh
-        gates = x.new_empty(T, B, G)  # r, z, n
         hidden = x.new_empty(T + 1, B, H)  # h_{t-1} at t (h_0 = 0)
         hidden[0].zero_()
         w_hh_t = w_hh.t().contiguous()  # measured 15% faster in addmm than the transposed view
         for t in range(T):
             rec = torch.addmm(b_hh, hidden[t], w_hh_t, out=recurrent[t])
             act = gates[t]
-            torch.add(inputs[t, :, : 2 * H], rec[:, : 2 * H], out=act[:, : 2 * H]).sigmoid_()
+            act[:, : 2 * H].add_(rec[:, : 2 * H]).sigmoid_()
             r, z, n = act.chunk(3, dim=1)
-            torch.addcmul(inputs[t, :, 2 * H :], r, rec[:, 2 * H :], out=n).tanh_()
+            n.addcmul_(r, rec[:, 2 * H :]).tanh_()
             torch.lerp(n, hidden[t], z, out=hidden[t + 1])
         ctx.save_for_backward(steps, w_ih, w_hh, recurrent, gates, hidden)
         return hidden[1:].transpose(0, 1).contiguous()
 
     @staticmethod
     def backward(ctx, grad_hidden):
+        if getattr(ctx, "spent", False):
+            raise RuntimeError(
+                "the hand-written GRU backward overwrites its saved buffers and runs once per "
+                "forward; for a second backward (retain_graph=True) use the model's "
+                "forward_unrolled, the step-by-step twin"
+            )
+        ctx.spent = True
         steps, w_ih, w_hh, recurrent, gates, hidden = ctx.saved_tensors
         T, B, G = gates.shape
         H = G // 3
         grad_hidden = grad_hidden.transpose(0, 1)  # [T, B, H]
         # dL/d(W_hh h_{t-1} + b_hh) at every step; its r and z blocks are also the input
         # term's, whose n block is d_n (the recurrent one is d_n * r)
-        d_rec = gates.new_empty(T, B, G)
+        d_rec = recurrent  # each step's slot is written after its last read
         d_n_all = gates.new_empty(T, B, H)
         dh = grad_hidden[T - 1].clone()
         for t in range(T - 1, -1, -1):
@@ -346,8 +358,8 @@ class GRU(torch.autograd.Function):
             h_prev = hidden[t]
             through_z = dh * z  # the direct path to h_{t-1}
             d_n = aten.tanh_backward.grad_input(dh - through_z, n, grad_input=d_n_all[t])
-            torch.mul(d_n, r, out=d[:, 2 * H :])
             d_r = d_n * recurrent[t, :, 2 * H :]
+            torch.mul(d_n, r, out=d[:, 2 * H :])
             aten.sigmoid_backward.grad_input(d_r, r, grad_input=d[:, :H])
             aten.sigmoid_backward.grad_input(dh * (h_prev - n), z, grad_input=d[:, H : 2 * H])
             if t > 0:

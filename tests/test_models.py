@@ -168,6 +168,16 @@ def test_hand_written_bptt_matches_the_fused_kernel_in_float32(cell):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
+def test_the_gru_backward_refuses_a_second_pass_over_its_overwritten_buffers():
+    """The GRU's backward writes its gradients over saved buffers; a second backward through
+    the same graph would read them back as garbage, so it stops with an error instead."""
+    model = make("gru", 1)
+    out = model(torch.randn(4, 6, 3))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        out.sum().backward()
+
+
 def test_forget_bias_is_the_sum_of_both_lstm_biases():
     model = make("lstm", forget_bias=2.5)
     H = 6
