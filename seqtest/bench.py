@@ -13,7 +13,12 @@ Four measurements, each a list of records (``kind`` tells them apart):
   here with no seqtest code (adding-problem batch, ``nn.RNN/LSTM/GRU`` + ``nn.Linear`` on the
   last step, MSE, ``clip_grad_norm_``, Adam). Variants without a fused kernel are compared
   with the best hand-written loop (see `REFERENCES`); the record also carries the target's own
-  denominator (``target_ms``). Timed interleaved, seqtest / reference / seqtest / ..., on
+  denominator (``target_ms``). For the normalised LSTMs the same rounds also time
+  PyTorch's normalisation kernels alone (`normalisation_kernels_step`):
+  ``loop_plus_norms_ratio`` = (loop + those kernels) / loop, what the loop would cost with
+  the normalisations added and nothing else. A step-by-step implementation built on those
+  kernels can beat it only by doing the rest of the step faster than the autograd loop
+  (as the hand-written BPTT does). Timed interleaved, seqtest / reference / seqtest / ..., on
   ``--threads`` torch threads; the medians of the rounds.
 * ``probe``: the gradient probes' share of a run's wall time at the default cadence
   (`seqtest.bench_probe.run_cost`).
@@ -177,6 +182,41 @@ def reference_step(name: str, batch: int, length: int, hidden: int, seed: int = 
     return step
 
 
+def normalisation_kernels_step(norm: str, batch: int, length: int, hidden: int) -> Callable:
+    """A closure running, `length` times, the forward and backward kernels of a normalised
+    LSTM step's three normalisations alone (PyTorch's native layer- or batch-norm kernels on
+    [B, 4H], [B, 4H] and [B, H]): what a step-by-step normalised LSTM must add to the plain
+    loop's work, whatever else it does. `step_records` reports (loop + this) / loop."""
+    aten = torch.ops.aten
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for width in (4 * hidden, 4 * hidden, hidden):
+        x = torch.randn(batch, width, generator=generator)
+        grad = torch.randn(batch, width, generator=generator)
+        cases.append((x, grad, torch.ones(width), torch.zeros(width), torch.zeros(width),
+                      torch.ones(width)))  # fmt: skip
+    mask = [True, True, True]
+
+    def layer(x, grad, weight, bias, _mean, _var) -> None:
+        _, mean, rstd = torch.native_layer_norm(x, weight.shape, weight, bias, 1e-5)
+        aten.native_layer_norm_backward(grad, x, weight.shape, mean, rstd, weight, bias, mask)
+
+    def batch_(x, grad, weight, bias, running_mean, running_var) -> None:
+        _, mean, rstd = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, 0.1, 1e-5
+        )
+        aten.native_batch_norm_backward(grad, x, weight, None, None, mean, rstd, True, 1e-5, mask)
+
+    one = layer if norm == "layer" else batch_
+
+    def step() -> None:
+        for _ in range(length):
+            for case in cases:
+                one(*case)
+
+    return step
+
+
 # ---------------------------------------------------------------- seqtest's step
 
 
@@ -251,6 +291,9 @@ def step_records(
             }
             if target_of != reference:
                 steps["target"] = reference_step(target_of, B, T, H)
+            norm = MODELS[model].get("norm")
+            if norm:
+                steps["norm_kernels"] = normalisation_kernels_step(norm, B, T, H)
             n = repeats or _repeats_for(steps["seqtest"], budget_s)
             medians = interleaved(steps, rounds, n)
             seqtest_ms = 1000 * medians["seqtest"]
@@ -274,12 +317,17 @@ def step_records(
                 "steps_per_round": n,
                 "threads": torch.get_num_threads(),
             }
+            with_norms = ""
+            if "norm_kernels" in medians:
+                norms_ms = record["norm_kernels_ms"] = 1000 * medians["norm_kernels"]
+                record["loop_plus_norms_ratio"] = (target_ms + norms_ms) / target_ms
+                with_norms = f"; loop + norm kernels {record['loop_plus_norms_ratio']:.3f}"
             records.append(record)
             if log:
                 log(
                     f"{model:12s} B={B:<4d} T={T:<4d} H={H:<4d} seqtest {seqtest_ms:8.2f} ms  "
                     f"{reference:16s} {reference_ms:8.2f} ms  ratio {record['ratio']:.3f}  "
-                    f"vs {target_of} {record['target_ratio']:.3f} (target <= {limit})"
+                    f"vs {target_of} {record['target_ratio']:.3f} (target <= {limit}){with_norms}"
                 )
     return records
 

@@ -26,9 +26,26 @@ def test_step_records_schema(tmp_path):
         assert (record["B"], record["T"], record["H"]) == (4, 6, 8)
         assert record["seqtest_ms"] > 0 and record["reference_ms"] > 0
         assert record["ratio"] == pytest.approx(record["seqtest_ms"] / record["reference_ms"])
+        normalised = bench.MODELS[record["model"]].get("norm") is not None
+        assert ("loop_plus_norms_ratio" in record) == normalised, record["model"]
+        if normalised:
+            expected = (record["target_ms"] + record["norm_kernels_ms"]) / record["target_ms"]
+            assert record["loop_plus_norms_ratio"] == pytest.approx(expected) and expected > 1
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(records))
     assert json.loads(path.read_text()) == records
+
+
+@pytest.mark.parametrize("norm,kernel", [("layer", "native_layer_norm"),
+                                         ("batch", "native_batch_norm")])  # fmt: skip
+def test_the_norm_kernels_closure_runs_three_normalisations_per_step(norm, kernel):
+    """Forward and backward of three normalisations for each of the T steps, nothing else."""
+    step = bench.normalisation_kernels_step(norm, 4, 6, 8)
+    with torch.profiler.profile() as profile:
+        step()
+    calls = {event.key: event.count for event in profile.key_averages()}
+    assert calls[f"aten::{kernel}"] == 3 * 6
+    assert calls[f"aten::{kernel}_backward"] == 3 * 6
 
 
 def test_main_writes_json(tmp_path):
