@@ -16,6 +16,7 @@ A task knows nothing about models; a model knows nothing about tasks.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -96,6 +97,13 @@ class Task(ABC):
             ).view_as(weight)
         return (per_step * weight).sum() / weight.sum()
 
+    def scored_steps_mask(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Bool [batch_size, seq_len], True on `scored_steps`: the mask of a task that scores
+        the same steps in every sequence. Made once per shape and shared by every batch (no
+        mask is allocated per training step), so it must not be modified."""
+        start, stop, stride = self.scored_steps.indices(self.seq_len)
+        return _steps_mask(batch_size, self.seq_len, start, stop, stride, torch.device(device))
+
     def check_scored_steps(self, mask: torch.Tensor) -> None:
         """Raise `ConfigError` if `mask` scores a step outside `scored_steps`: training would
         silently leave that step out of the loss."""
@@ -115,6 +123,15 @@ class Task(ABC):
     ) -> torch.Tensor | None:
         """The task's accuracy-like metric on a batch, or None."""
         return None
+
+
+@functools.lru_cache(maxsize=32)
+def _steps_mask(
+    batch_size: int, T: int, start: int, stop: int, stride: int, device: torch.device
+) -> torch.Tensor:
+    mask = torch.zeros(batch_size, T, dtype=torch.bool, device=device)
+    mask[:, start:stop:stride] = True
+    return mask
 
 
 # ---------------------------------------------------------------------------------------- registry

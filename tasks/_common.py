@@ -17,13 +17,6 @@ def masked_accuracy(output: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -
     return correct.sum().float() / mask.sum()
 
 
-def last_step_mask(batch_size: int, T: int, device: torch.device) -> torch.Tensor:
-    """Bool [batch_size, T], True at the last step only."""
-    mask = torch.zeros(batch_size, T, dtype=torch.bool, device=device)
-    mask[:, -1] = True
-    return mask
-
-
 def distinct_sorted_positions(
     batch_size: int, n: int, k: int, generator: torch.Generator
 ) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from seqtest.errors import ConfigError, require
 from seqtest.tasks._base import Batch
-from seqtest.tasks._common import AccuracyTask, last_step_mask
+from seqtest.tasks._common import AccuracyTask
 
 SPLITS = ("training", "validation", "test")
 
@@ -235,7 +235,7 @@ class ImageSequenceTask(AccuracyTask):
             x = x[:, self._order.to(device)]
         y = torch.zeros(batch_size, T, dtype=torch.long, device=device)
         y[:, -1] = labels
-        return Batch(x.unsqueeze(-1), y, last_step_mask(batch_size, T, device))
+        return Batch(x.unsqueeze(-1), y, self.scored_steps_mask(batch_size, device))
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         """`batch_size` training examples drawn uniformly with replacement."""

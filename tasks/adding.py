@@ -103,9 +103,7 @@ class AddingTask(Task):
         y[:, -1, 0] = values[rows, first] + values[rows, second]
         if hochreiter:
             y[:, -1, 0] = 0.5 + y[:, -1, 0] / 4
-        mask = torch.zeros(batch_size, T, dtype=torch.bool, device=device)
-        mask[:, -1] = True
-        return Batch(x, y, mask)
+        return Batch(x, y, self.scored_steps_mask(batch_size, device))
 
     @property
     def baseline_loss(self) -> float:

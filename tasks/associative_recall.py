@@ -110,8 +110,7 @@ class AssociativeRecallTask(AccuracyTask):
         tokens[:, self.query_start :] = keys.gather(1, queried)
         y = torch.zeros(batch_size, self.seq_len, dtype=torch.long, device=device)
         y[:, self.query_start :] = values.gather(1, queried)
-        mask = torch.zeros(batch_size, self.seq_len, dtype=torch.bool, device=device)
-        mask[:, self.query_start :] = True
+        mask = self.scored_steps_mask(batch_size, device)
         return Batch(F.one_hot(tokens, self.input_size).float(), y, mask)
 
     @property

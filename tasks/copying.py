@@ -84,8 +84,7 @@ class CopyingTask(AccuracyTask):
         x = F.one_hot(tokens, self.input_size).float()
         y = torch.zeros(batch_size, self.seq_len, dtype=torch.long, device=device)
         y[:, self.recall_start :] = symbols
-        mask = torch.ones(batch_size, self.seq_len, dtype=torch.bool, device=device)
-        return Batch(x, y, mask)
+        return Batch(x, y, self.scored_steps_mask(batch_size, device))
 
     @property
     def baseline_loss(self) -> float:

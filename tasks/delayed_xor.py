@@ -91,9 +91,7 @@ class DelayedXorTask(AccuracyTask):
         start = (self.num_bits - 1) * L
         for j in range(self.num_bits):
             y[:, start:] ^= bits[:, start - j * L : T - j * L]
-        mask = torch.zeros(batch_size, T, dtype=torch.bool, device=device)
-        mask[:, self.first_scored :] = True
-        return Batch(bits.unsqueeze(-1).float(), y, mask)
+        return Batch(bits.unsqueeze(-1).float(), y, self.scored_steps_mask(batch_size, device))
 
     @property
     def baseline_loss(self) -> float:

@@ -38,7 +38,6 @@ import torch
 
 from seqtest.errors import require, require_choice, require_positive_int
 from seqtest.tasks._base import Batch, Task, register_task
-from seqtest.tasks._common import last_step_mask
 from seqtest.tasks.adding import PLACEMENTS, marker_positions
 
 
@@ -77,7 +76,7 @@ class MultiplicationTask(Task):
         x = torch.stack([values, markers], dim=-1)
         y = torch.zeros(batch_size, T, 1, device=device)
         y[:, -1, 0] = values[rows, first] * values[rows, second]
-        return Batch(x, y, last_step_mask(batch_size, T, device))
+        return Batch(x, y, self.scored_steps_mask(batch_size, device))
 
     @property
     def baseline_loss(self) -> float:

@@ -91,8 +91,7 @@ class NoiselessMemorisationTask(AccuracyTask):
         tokens[:, self.recall_start - 1] = self.trigger
         y = torch.zeros(batch_size, self.seq_len, dtype=torch.long, device=device)
         y[:, self.recall_start :] = pattern - 1
-        mask = torch.zeros(batch_size, self.seq_len, dtype=torch.bool, device=device)
-        mask[:, self.recall_start :] = True
+        mask = self.scored_steps_mask(batch_size, device)
         return Batch(F.one_hot(tokens, self.input_size).float(), y, mask)
 
     @property

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from seqtest.errors import require, require_positive_int
 from seqtest.tasks._base import Batch, register_task
-from seqtest.tasks._common import AccuracyTask, last_step_mask
+from seqtest.tasks._common import AccuracyTask
 
 
 @register_task("random_permutation")
@@ -77,7 +77,7 @@ class RandomPermutationTask(AccuracyTask):
         y = torch.zeros(batch_size, T, dtype=torch.long, device=device)
         y[:, -1] = bit
         x = F.one_hot(tokens, self.input_size).float()
-        return Batch(x, y, last_step_mask(batch_size, T, device))
+        return Batch(x, y, self.scored_steps_mask(batch_size, device))
 
     @property
     def baseline_loss(self) -> float:

@@ -93,8 +93,7 @@ class SelectiveCopyTask(AccuracyTask):
         tokens[:, T] = self.delimiter
         y = torch.zeros(batch_size, self.seq_len, dtype=torch.long, device=device)
         y[:, T + 1 :] = symbols - 1
-        mask = torch.zeros(batch_size, self.seq_len, dtype=torch.bool, device=device)
-        mask[:, T + 1 :] = True
+        mask = self.scored_steps_mask(batch_size, device)
         return Batch(F.one_hot(tokens, self.input_size).float(), y, mask)
 
     @property

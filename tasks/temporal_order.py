@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from seqtest.errors import ConfigError, require, require_positive_int
 from seqtest.tasks._base import Batch, register_task
-from seqtest.tasks._common import AccuracyTask, last_step_mask
+from seqtest.tasks._common import AccuracyTask
 
 NUM_DISTRACTORS = 4
 X, Y, START, END = 4, 5, 6, 7
@@ -118,7 +118,7 @@ class TemporalOrderTask(AccuracyTask):
         y = torch.zeros(batch_size, T, dtype=torch.long, device=device)
         y[:, -1] = (bits * weights).sum(1)
         x = F.one_hot(tokens, self.input_size).float()
-        return Batch(x, y, last_step_mask(batch_size, T, device))
+        return Batch(x, y, self.scored_steps_mask(batch_size, device))
 
     @property
     def baseline_loss(self) -> float:

@@ -517,6 +517,7 @@ def test_every_task_batch_has_consistent_shapes_and_is_deterministic(mnist_dir):
         assert task.informative_positions(x).shape == (B, T)
         task.check_scored_steps(mask)  # every scored step lies in the declared scored_steps
         assert mask[:, task.scored_steps].all(), task.name  # and the slice is tight
+        assert task.sample(B, gen(5)).mask is mask  # one shared mask, none made per step
         again, other = task.sample(B, gen(3)), task.sample(B, gen(4))
         assert all(torch.equal(u, v) for u, v in zip((x, y, mask), again, strict=True))
         assert not (torch.equal(x, other.x) and torch.equal(y, other.y)), task.name

@@ -7,10 +7,13 @@ import json
 import pytest
 import torch
 
+from seqtest.errors import ConfigError
 from seqtest.models import build_model
 from seqtest.results import read_metrics, read_summary
 from seqtest.run import run
+from seqtest.tasks._base import Batch
 from seqtest.tasks.adding import AddingTask
+from seqtest.tasks.copying import CopyingTask
 from seqtest.train import TrainConfig, train, train_step
 from tests.conftest import TINY
 
@@ -147,14 +150,23 @@ def test_a_training_step_reads_out_only_the_scored_steps_and_loses_nothing(cell)
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
-def test_a_task_that_scores_outside_its_declared_steps_is_refused(make_cfg, tmp_path, monkeypatch):
+class MisdeclaredCopyingTask(CopyingTask):
+    """Copy memory scores every step; this one claims to score the last step alone."""
+
+    scored_steps = slice(-1, None)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        x, y, _ = super().sample(batch_size, generator)
+        return Batch(x, y, torch.ones(y.shape, dtype=torch.bool))
+
+
+def test_a_task_that_scores_outside_its_declared_steps_is_refused(make_cfg, tmp_path):
     """A too narrow `scored_steps` would drop scored steps from the training loss silently;
     the run refuses it, naming the task and the step, before it writes anything."""
-    from seqtest.errors import ConfigError
-    from seqtest.tasks.copying import CopyingTask
-
-    monkeypatch.setattr(CopyingTask, "scored_steps", slice(-1, None))  # copying scores all
-    cfg = make_cfg("task=copying", "task.length=5", "task.num_symbols=2", *TINY)
+    cfg = make_cfg(
+        "task=copying", f"task._target_={__name__}.MisdeclaredCopyingTask", "task.length=5",
+        "task.num_symbols=2", *TINY,
+    )  # fmt: skip
     with pytest.raises(ConfigError, match=r"'copying'.*scored_steps=slice\(-1, None, None\)"):
         run(cfg, tmp_path)
     assert not any(p.name != ".seqtest.lock" for p in tmp_path.iterdir())
