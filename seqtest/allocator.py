@@ -14,6 +14,15 @@ back to the system. The settings change no arithmetic. They are applied through 
 so they reach this process only; a user who sets any ``MALLOC_*`` variable, or
 ``SEQTEST_MALLOC=default``, keeps glibc's own behaviour (or theirs). Other C libraries
 (macOS, musl) are left alone.
+
+Blocks above 32 MiB (a large model's [T, B, 4H] buffers) are still mapped and unmapped every
+step. ``SEQTEST_MALLOC=no_mmap`` also sets ``M_MMAP_MAX`` to 0, so that every block comes
+from the heap and is reused. It is opt-in: it keeps more memory resident, and its speed-up
+is measured per case by ``python -m seqtest.bench --only allocator``. Reuse is not
+immediate: PyTorch allocates with `posix_memalign`, which asks for a little more than the
+block it frees, so the next allocation of the same size is carved from fresh heap until
+enough freed neighbours have merged (measured with 64 MiB blocks: the first 7 allocations
+fault every page in, the following ones none).
 """
 
 from __future__ import annotations
@@ -21,8 +30,10 @@ from __future__ import annotations
 import ctypes
 import os
 
+from seqtest.errors import require_choice
+
 #: glibc's `mallopt` parameters (malloc.h) and the values set.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
 SETTINGS = {
     M_MMAP_THRESHOLD: 32 * 1024 * 1024,
     M_TRIM_THRESHOLD: 1024 * 1024 * 1024,
@@ -35,30 +46,38 @@ ENVIRONMENT = {
     "MALLOC_TOP_PAD_": str(SETTINGS[M_TOP_PAD]),
 }
 
+#: What SEQTEST_MALLOC may say (unset: "tuned").
+CHOICES = ("tuned", "default", "no_mmap")
+
 _state = {"applied": None}
 
 
 def keep_freed_memory() -> str:
     """Apply `SETTINGS` once per process. Returns what holds now: "tuned" (applied here or
-    before), "environment" (the user's MALLOC_* variables rule), "default" (opted out with
+    before), "no_mmap" (SEQTEST_MALLOC=no_mmap: the settings and no mapped blocks at all),
+    "environment" (the user's MALLOC_* variables rule), "default" (opted out with
     SEQTEST_MALLOC=default) or "unavailable" (not glibc)."""
     if _state["applied"] is not None:
         return _state["applied"]
-    if os.environ.get("SEQTEST_MALLOC", "").lower() == "default":
+    choice = os.environ.get("SEQTEST_MALLOC", "").lower()
+    require_choice("SEQTEST_MALLOC", choice or "tuned", CHOICES)
+    if choice == "default":
         result = "default"
     elif any(name.startswith("MALLOC_") for name in os.environ):
         result = "environment"
+    elif choice == "no_mmap":
+        result = _mallopt_all(SETTINGS | {M_MMAP_MAX: 0}, "no_mmap")
     else:
-        result = _mallopt_all()
+        result = _mallopt_all(SETTINGS, "tuned")
     _state["applied"] = result
     return result
 
 
-def _mallopt_all() -> str:
+def _mallopt_all(settings: dict[int, int], name: str) -> str:
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return "unavailable"
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    ok = all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS.items())
-    return "tuned" if ok else "unavailable"
+    ok = all(mallopt(parameter, value) == 1 for parameter, value in settings.items())
+    return name if ok else "unavailable"

@@ -25,7 +25,8 @@ Four measurements, each a list of records (``kind`` tells them apart):
 * ``parallel``: a sweep under ``hydra/launcher=joblib`` against the same jobs one after another
   (the basic launcher), each as a ``python -m seqtest -m ...`` subprocess.
 * ``allocator``: a training step in fresh processes with glibc's default allocator settings
-  (``SEQTEST_MALLOC=default``) and with those seqtest applies (`seqtest.allocator`).
+  (``SEQTEST_MALLOC=default``), with those seqtest applies (`seqtest.allocator`), and with
+  those plus no mapped blocks at all (``SEQTEST_MALLOC=no_mmap``, opt-in).
 
 The benchmark configures torch as a run does (`seqtest.run.configure_torch`): subnormals
 flushed and freed memory kept in the heap, for seqtest and the reference alike.
@@ -439,8 +440,8 @@ def parallel_records(quick: bool, rounds: int = 1, log=None) -> list[dict]:
 
 
 def _allocator_child(model: str, B: int, T: int, H: int, steps: int) -> None:
-    """Run in a fresh process: median ms per step and minor page faults per step, as JSON.
-    The parent sets SEQTEST_MALLOC to choose glibc's defaults or seqtest's settings."""
+    """Run in a fresh process: median ms per step, minor page faults per step and peak
+    resident memory, as JSON. The parent sets SEQTEST_MALLOC to choose the settings."""
     configure_torch(1)
     step = seqtest_step(model, B, T, H)
     for _ in range(3):
@@ -451,16 +452,21 @@ def _allocator_child(model: str, B: int, T: int, H: int, steps: int) -> None:
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    print(json.dumps({"ms": 1000 * statistics.median(times), "faults_per_step": faults / steps}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({
+        "ms": 1000 * statistics.median(times),
+        "faults_per_step": (usage.ru_minflt - faults) / steps,
+        "max_rss_mb": usage.ru_maxrss / 1024,
+        "state": allocator.keep_freed_memory(),
+    }))  # fmt: skip
 
 
 def allocator_records(cases: Iterable[tuple], rounds: int, steps: int, log=None) -> list[dict]:
-    """Each (model, B, T, H) in fresh processes with glibc's default allocator settings and
-    with seqtest's (`seqtest.allocator`), interleaved."""
+    """Each (model, B, T, H) in fresh processes with glibc's default allocator settings, with
+    seqtest's (`seqtest.allocator`) and with the opt-in ``no_mmap``, interleaved."""
     records = []
     for model, B, T, H in cases:
-        results: dict[str, list[dict]] = {"default": [], "tuned": []}
+        results: dict[str, list[dict]] = {"default": [], "tuned": [], "no_mmap": []}
         for _ in range(rounds):
             for setting in results:
                 env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -474,13 +480,14 @@ def allocator_records(cases: Iterable[tuple], rounds: int, steps: int, log=None)
                     text=True,
                 ).stdout  # fmt: skip
                 results[setting].append(json.loads(out.strip().splitlines()[-1]))
-        default, tuned = (
-            {
-                key: statistics.median(r[key] for r in results[s])
-                for key in ("ms", "faults_per_step")
+        medians = {
+            setting: {
+                key: statistics.median(r[key] for r in runs)
+                for key in ("ms", "faults_per_step", "max_rss_mb")
             }
-            for s in ("default", "tuned")
-        )
+            for setting, runs in results.items()
+        }
+        default, tuned, no_mmap = medians["default"], medians["tuned"], medians["no_mmap"]
         record = {
             "kind": "allocator",
             "model": model,
@@ -492,15 +499,25 @@ def allocator_records(cases: Iterable[tuple], rounds: int, steps: int, log=None)
             "speedup": default["ms"] / tuned["ms"],
             "default_faults_per_step": default["faults_per_step"],
             "tuned_faults_per_step": tuned["faults_per_step"],
+            "no_mmap_ms": no_mmap["ms"],
+            "no_mmap_speedup": default["ms"] / no_mmap["ms"],
+            "no_mmap_faults_per_step": no_mmap["faults_per_step"],
+            "max_rss_mb": {setting: m["max_rss_mb"] for setting, m in medians.items()},
+            "states": {setting: runs[0]["state"] for setting, runs in results.items()},
             "settings": dict(allocator.ENVIRONMENT),
             "rounds": rounds,
         }
         records.append(record)
         if log:
             log(
-                f"allocator {model:8s} B={B} T={T} H={H}: default {default['ms']:.1f} ms "
-                f"({default['faults_per_step']:.0f} faults/step), tuned {tuned['ms']:.1f} ms "
-                f"({tuned['faults_per_step']:.0f} faults/step), speed-up {record['speedup']:.2f}x"
+                f"allocator {model:8s} B={B} T={T} H={H}: "
+                + "; ".join(
+                    f"{setting} {m['ms']:.1f} ms, {m['faults_per_step']:.0f} faults/step, "
+                    f"{m['max_rss_mb']:.0f} MB"
+                    for setting, m in medians.items()
+                )
+                + f"; speed-up tuned {record['speedup']:.2f}x, "
+                f"no_mmap {record['no_mmap_speedup']:.2f}x"
             )
     return records
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 import torch
@@ -46,6 +47,17 @@ def test_the_norm_kernels_closure_runs_three_normalisations_per_step(norm, kerne
     calls = {event.key: event.count for event in profile.key_averages()}
     assert calls[f"aten::{kernel}"] == 3 * 6
     assert calls[f"aten::{kernel}_backward"] == 3 * 6
+
+
+def test_allocator_records_run_each_setting_in_its_own_process():
+    (record,) = bench.allocator_records([("rnn", 2, 4, 4)], rounds=1, steps=1)
+    expected = {"default": "default", "tuned": "tuned", "no_mmap": "no_mmap"}
+    if platform.libc_ver()[0] != "glibc":
+        expected = {"default": "default", "tuned": "unavailable", "no_mmap": "unavailable"}
+    assert record["states"] == expected
+    assert record["speedup"] == pytest.approx(record["default_ms"] / record["tuned_ms"])
+    assert record["no_mmap_speedup"] == pytest.approx(record["default_ms"] / record["no_mmap_ms"])
+    assert set(record["max_rss_mb"]) == set(expected)
 
 
 def test_main_writes_json(tmp_path):
