@@ -9,7 +9,8 @@ Tensors are batch-first everywhere:
     x     [B, T, input_size]  float inputs
     y     [B, T, output_size] float targets (loss_kind "mse"),
           or [B, T] class indices (loss_kind "cross_entropy")
-    mask  [B, T]              bool, True where the output is scored
+    mask  [B, T]              bool, True where the output is scored; never outside the
+                              task's `scored_steps`, the steps training reads out
 
 A task knows nothing about models; a model knows nothing about tasks.
 """
@@ -109,9 +110,9 @@ class Task(ABC):
         silently leave that step out of the loss."""
         outside = torch.ones(mask.shape[1], dtype=torch.bool, device=mask.device)
         outside[self.scored_steps] = False
-        if bool(mask[:, outside].any()):
-            step = int(mask[:, outside].any(0).nonzero()[0])
-            step = int(outside.nonzero()[step])
+        scored_outside = (mask.any(0) & outside).nonzero()
+        if len(scored_outside):
+            step = int(scored_outside[0])
             raise ConfigError(
                 f"task {self.name!r} declares scored_steps={self.scored_steps} "
                 f"but its mask scores step {step} of {mask.shape[1]}: widen scored_steps "
