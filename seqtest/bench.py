@@ -581,7 +581,7 @@ def main(argv=None) -> list[dict]:
     if "allocator" in args.only:
         cases = [("lstm", 64, 200, 128)]
         if not quick:
-            cases += [("bn_lstm", 64, 200, 128), ("lstm", 128, 400, 256)]
+            cases += [("bn_lstm", 64, 200, 128), ("lstm", 128, 400, 256), ("gru", 128, 400, 256)]
         records += allocator_records(cases, rounds=1 if quick else 3, steps=5 if quick else 20,
                                      log=log)  # fmt: skip
     if args.json:
