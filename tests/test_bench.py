@@ -50,7 +50,10 @@ def test_the_norm_kernels_closure_runs_three_normalisations_per_step(norm, kerne
 
 
 def test_allocator_records_run_each_setting_in_its_own_process():
+    ballast = torch.ones(192 << 20)  # 768 MiB resident here: a child must not report it
+    parent_peak = bench._peak_rss_mb()
     (record,) = bench.allocator_records([("rnn", 2, 4, 4)], rounds=1, steps=1)
+    del ballast
     expected = {"default": "default", "tuned": "tuned", "no_mmap": "no_mmap"}
     if platform.libc_ver()[0] != "glibc":
         expected = {"default": "default", "tuned": "unavailable", "no_mmap": "unavailable"}
@@ -58,6 +61,8 @@ def test_allocator_records_run_each_setting_in_its_own_process():
     assert record["speedup"] == pytest.approx(record["default_ms"] / record["tuned_ms"])
     assert record["no_mmap_speedup"] == pytest.approx(record["default_ms"] / record["no_mmap_ms"])
     assert set(record["max_rss_mb"]) == set(expected)
+    if parent_peak is not None:  # Linux: each child's own peak, far below this process's
+        assert all(peak < parent_peak - 500 for peak in record["max_rss_mb"].values())
 
 
 def test_main_writes_json(tmp_path):
