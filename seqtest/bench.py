@@ -198,17 +198,17 @@ def normalisation_kernels_step(norm: str, batch: int, length: int, hidden: int) 
                       torch.ones(width)))  # fmt: skip
     mask = [True, True, True]
 
-    def layer(x, grad, weight, bias, _mean, _var) -> None:
+    def layer_norm(x, grad, weight, bias, _mean, _var) -> None:
         _, mean, rstd = torch.native_layer_norm(x, weight.shape, weight, bias, 1e-5)
         aten.native_layer_norm_backward(grad, x, weight.shape, mean, rstd, weight, bias, mask)
 
-    def batch_(x, grad, weight, bias, running_mean, running_var) -> None:
+    def batch_norm(x, grad, weight, bias, running_mean, running_var) -> None:
         _, mean, rstd = torch.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, 0.1, 1e-5
         )
         aten.native_batch_norm_backward(grad, x, weight, None, None, mean, rstd, True, 1e-5, mask)
 
-    one = layer if norm == "layer" else batch_
+    one = layer_norm if norm == "layer" else batch_norm
 
     def step() -> None:
         for _ in range(length):
