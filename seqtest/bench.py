@@ -494,8 +494,7 @@ def allocator_records(cases: Iterable[tuple], rounds: int, steps: int, log=None)
                 results[setting].append(json.loads(out.strip().splitlines()[-1]))
         medians = {
             setting: {
-                key: statistics.median(r[key] for r in runs)
-                for key in ("ms", "faults_per_step")
+                key: statistics.median(r[key] for r in runs) for key in ("ms", "faults_per_step")
             }
             | {"max_rss_mb": max((r["max_rss_mb"] or 0) for r in runs) or None}
             for setting, runs in results.items()
