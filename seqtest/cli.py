@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -45,6 +46,14 @@ def share_of_cores(launcher: DictConfig | None) -> int | None:
     return max(1, cores // parallel)
 
 
+def _stop(message: str) -> NoReturn:
+    """End a job that cannot run: the reason in its log and as one line on stderr, exit 2,
+    nothing written."""
+    log.error("%s", message)
+    print(f"seqtest: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://seqtest.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one configuration; return the final validation loss for sweepers to minimise."""
@@ -60,17 +69,11 @@ def main(cfg: DictConfig) -> float:
             return digest["grad_decay_rate"]
         summary = run(cfg, hydra_cfg.runtime.output_dir)
     except ConfigError as error:
-        log.error("configuration error: %s", error)
-        print(f"seqtest: configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _stop(f"configuration error: {error}")
     except CheckpointError as error:
-        log.error("%s", error)
-        print(f"seqtest: cannot resume: {error}", file=sys.stderr)
-        sys.exit(2)
+        _stop(f"cannot resume: {error}")
     except RunFolderBusy as error:
-        log.error("%s", error)
-        print(f"seqtest: {error}", file=sys.stderr)
-        sys.exit(2)
+        _stop(str(error))
     log.info(
         "%s %s T=%s seed=%s: %s, final loss / baseline %.4g, %d steps",
         summary["task"],
