@@ -5,6 +5,7 @@ the allocator settings.
     python -m seqtest.bench                         # the full grid (tens of minutes)
     python -m seqtest.bench --json bench.json       # also write the records as JSON
     python -m seqtest.bench --only steps --models lstm bn_lstm --grid 64,200,128
+    python -m seqtest.bench --device cuda           # the training steps on a GPU
 
 Four measurements, each a list of records (``kind`` tells them apart):
 
@@ -27,6 +28,9 @@ Four measurements, each a list of records (``kind`` tells them apart):
 * ``allocator``: a training step in fresh processes with glibc's default allocator settings
   (``SEQTEST_MALLOC=default``), with those seqtest applies (`seqtest.allocator`), and with
   those plus no mapped blocks at all (``SEQTEST_MALLOC=no_mmap``, opt-in).
+
+``--device cuda`` runs the step comparison on a GPU (both sides; timings wait for the
+queued kernels). The other three measure the CPU and run only when asked for with ``--only``.
 
 The benchmark configures torch as a run does (`seqtest.run.configure_torch`): subnormals
 flushed and freed memory kept in the heap, for seqtest and the reference alike.
@@ -77,6 +81,7 @@ REFERENCES: dict[str, tuple[str, str, float]] = {
     "bn_lstm": ("LSTM loop", "LSTM loop", 1.2),
 }
 
+SECTIONS = ("steps", "probes", "parallel", "allocator")
 QUICK_GRID = [(64, 200, 128)]
 FULL_GRID = [(32, 100, 64), (64, 200, 128), (128, 400, 256)]
 LR = 1e-3
@@ -88,12 +93,13 @@ CLIP = 1.0
 
 def adding_batch(batch: int, length: int, generator: torch.Generator):
     """The adding problem written plainly: values U[0,1], one marker in each half, target
-    the sum of the two marked values. x [B, T, 2], y [B]."""
-    values = torch.rand(batch, length, generator=generator)
+    the sum of the two marked values. x [B, T, 2], y [B], on the generator's device."""
+    device = generator.device
+    values = torch.rand(batch, length, generator=generator, device=device)
     half = length // 2
-    first = torch.randint(0, half, (batch, 1), generator=generator)
-    second = torch.randint(half, length, (batch, 1), generator=generator)
-    markers = torch.zeros(batch, length)
+    first = torch.randint(0, half, (batch, 1), generator=generator, device=device)
+    second = torch.randint(half, length, (batch, 1), generator=generator, device=device)
+    markers = torch.zeros(batch, length, device=device)
     markers.scatter_(1, first, 1.0).scatter_(1, second, 1.0)
     x = torch.stack([values, markers], dim=-1)
     y = values.gather(1, first).squeeze(1) + values.gather(1, second).squeeze(1)
@@ -163,14 +169,16 @@ def reference_core(name: str, input_size: int, hidden: int) -> nn.Module:
     return {"sigmoid RNN loop": SigmoidRNNLoop, "LSTM loop": LSTMLoop}[name](input_size, hidden)
 
 
-def reference_step(name: str, batch: int, length: int, hidden: int, seed: int = 0) -> Callable:
-    """A closure running one bare-PyTorch training step of reference `name`."""
+def reference_step(
+    name: str, batch: int, length: int, hidden: int, seed: int = 0, device: str = "cpu"
+) -> Callable:
+    """A closure running one bare-PyTorch training step of reference `name` on `device`."""
     torch.manual_seed(seed)
-    core = reference_core(name, 2, hidden)
-    readout = nn.Linear(hidden, 1)
+    core = reference_core(name, 2, hidden).to(device)
+    readout = nn.Linear(hidden, 1).to(device)
     parameters = [*core.parameters(), *readout.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=LR)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
 
     def step() -> None:
         x, y = adding_batch(batch, length, generator)
@@ -183,7 +191,9 @@ def reference_step(name: str, batch: int, length: int, hidden: int, seed: int = 
     return step
 
 
-def normalisation_kernels_step(norm: str, batch: int, length: int, hidden: int) -> Callable:
+def normalisation_kernels_step(
+    norm: str, batch: int, length: int, hidden: int, device: str = "cpu"
+) -> Callable:
     """A closure running, `length` times, the forward and backward kernels of a normalised
     LSTM step's three normalisations alone (PyTorch's native layer- or batch-norm kernels on
     [B, 4H], [B, 4H] and [B, H]): what a step-by-step normalised LSTM must add to the plain
@@ -194,8 +204,9 @@ def normalisation_kernels_step(norm: str, batch: int, length: int, hidden: int) 
     for width in (4 * hidden, 4 * hidden, hidden):
         x = torch.randn(batch, width, generator=generator)
         grad = torch.randn(batch, width, generator=generator)
-        cases.append((x, grad, torch.ones(width), torch.zeros(width), torch.zeros(width),
-                      torch.ones(width)))  # fmt: skip
+        case = (x, grad, torch.ones(width), torch.zeros(width), torch.zeros(width),
+                torch.ones(width))  # fmt: skip
+        cases.append(tuple(tensor.to(device) for tensor in case))
     mask = [True, True, True]
 
     def layer_norm(x, grad, weight, bias, _mean, _var) -> None:
@@ -221,28 +232,40 @@ def normalisation_kernels_step(norm: str, batch: int, length: int, hidden: int) 
 # ---------------------------------------------------------------- seqtest's step
 
 
-def seqtest_step(model: str, batch: int, length: int, hidden: int, seed: int = 0) -> Callable:
-    """A closure running one step of seqtest's training loop (`seqtest.train.train_step`)."""
+def seqtest_step(
+    model: str, batch: int, length: int, hidden: int, seed: int = 0, device: str = "cpu"
+) -> Callable:
+    """A closure running one step of seqtest's training loop (`seqtest.train.train_step`)
+    on `device`."""
     task = AddingTask(length=length)
     torch.manual_seed(seed)
     config = ModelConfig(hidden_size=hidden, name=model, **MODELS[model])
-    net = build_model(config, task.input_size, task.output_size, task.seq_len)
+    net = build_model(config, task.input_size, task.output_size, task.seq_len).to(device)
     net.train()
     parameters = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(net.parameters(), lr=LR)
     train_config = TrainConfig(batch_size=batch, clip=CLIP, progress=False)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     return lambda: train_step(net, task, optimizer, parameters, train_config, generator)
 
 
 # ---------------------------------------------------------------- timing
 
 
+def _synchronize() -> None:
+    """Wait for queued CUDA work, so that a timing covers the kernels it launched (CUDA runs
+    asynchronously; on the CPU there is nothing to wait for)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _time(step: Callable, repeats: int) -> float:
     """Seconds per step over `repeats` consecutive steps."""
+    _synchronize()
     started = time.perf_counter()
     for _ in range(repeats):
         step()
+    _synchronize()
     return (time.perf_counter() - started) / repeats
 
 
@@ -261,8 +284,10 @@ def interleaved(steps: dict[str, Callable], rounds: int, repeats: int, warmup: i
 
 def _repeats_for(step: Callable, budget_s: float) -> int:
     """How many steps fill about `budget_s` seconds (at least 1)."""
+    _synchronize()
     started = time.perf_counter()
     step()
+    _synchronize()
     return max(1, round(budget_s / max(time.perf_counter() - started, 1e-6)))
 
 
@@ -273,6 +298,7 @@ def step_records(
     budget_s: float = 0.5,
     repeats: int | None = None,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> list[dict]:
     """Time seqtest's step against its reference for every model and (B, T, H) of `grid`.
 
@@ -281,20 +307,21 @@ def step_records(
     denominator ``target_of`` / ``target_ms``, ``target_ratio`` and ``target``.
     A fused reference that a target needs (nn.RNN for the sigmoid RNN) is timed in the
     same rounds. `repeats` fixes the steps per timing; else they fill about `budget_s`.
+    Everything runs on `device` (recorded as ``device``).
     """
     records = []
     for B, T, H in grid:
         for model in models:
             reference, target_of, limit = REFERENCES[model]
             steps = {
-                "seqtest": seqtest_step(model, B, T, H),
-                "reference": reference_step(reference, B, T, H),
+                "seqtest": seqtest_step(model, B, T, H, device=device),
+                "reference": reference_step(reference, B, T, H, device=device),
             }
             if target_of != reference:
-                steps["target"] = reference_step(target_of, B, T, H)
+                steps["target"] = reference_step(target_of, B, T, H, device=device)
             norm = MODELS[model].get("norm")
             if norm:
-                steps["norm_kernels"] = normalisation_kernels_step(norm, B, T, H)
+                steps["norm_kernels"] = normalisation_kernels_step(norm, B, T, H, device)
             n = repeats or _repeats_for(steps["seqtest"], budget_s)
             medians = interleaved(steps, rounds, n)
             seqtest_ms = 1000 * medians["seqtest"]
@@ -317,6 +344,7 @@ def step_records(
                 "rounds": rounds,
                 "steps_per_round": n,
                 "threads": torch.get_num_threads(),
+                "device": device,
             }
             with_norms = ""
             if "norm_kernels" in medians:
@@ -537,7 +565,8 @@ def allocator_records(cases: Iterable[tuple], rounds: int, steps: int, log=None)
 # ---------------------------------------------------------------- command line
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
+    gpu = torch.cuda.get_device_name(device) if device == "cuda" else None
     return {
         "kind": "machine",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -548,6 +577,8 @@ def machine() -> dict:
         "load_average": os.getloadavg(),
         "threads": torch.get_num_threads(),
         "allocator": allocator.keep_freed_memory(),
+        "device": device,
+        "gpu": gpu,
     }
 
 
@@ -566,10 +597,19 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the steps")
     parser.add_argument("--repeats", type=int, help="steps per timing (default: fill ~0.25/1 s)")
     parser.add_argument(
-        "--only", nargs="+", choices=("steps", "probes", "parallel", "allocator"),
-        default=("steps", "probes", "parallel", "allocator"),
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="where the training steps run (the other measurements are of the CPU; with "
+        "cuda, --only defaults to steps)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS,
+        help="which measurements (default: all four on the CPU, steps on cuda)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here (allowed: cpu, cuda)")
+    if args.only is None:
+        args.only = ("steps",) if args.device == "cuda" else SECTIONS
     configure_torch(args.threads)  # as a run: flush subnormals, keep freed memory
     quick = args.quick
     grid = args.grid or (QUICK_GRID if quick else FULL_GRID)
@@ -578,11 +618,13 @@ def main(argv=None) -> list[dict]:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    records = [machine()]
+    records = [machine(args.device)]
     log(f"# {records[0]}")
     if "steps" in args.only:
         budget = 0.25 if quick else 1.0
-        records += step_records(args.models, grid, rounds, budget, args.repeats, log=log)
+        records += step_records(
+            args.models, grid, rounds, budget, args.repeats, log=log, device=args.device
+        )
     if "probes" in args.only:
         if quick:
             records += probe_records(["lstm"], length=50, steps=300, hidden=64, log=log)

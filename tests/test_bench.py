@@ -91,6 +91,24 @@ def test_main_writes_json(tmp_path):
     written = json.loads(path.read_text())
     assert [r["kind"] for r in written] == ["machine", "step"]
     assert written[1]["model"] == "rnn" and len(written) == len(records)
+    assert written[0]["device"] == written[1]["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_cuda_without_a_gpu_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--json", "never-written.json"])
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_records_on_cuda():
+    """Both sides of the comparison run on the GPU (their parameters live there)."""
+    records = bench.step_records(["lstm", "ln_lstm"], [(4, 6, 8)], 1, repeats=1, device="cuda")
+    assert [r["device"] for r in records] == ["cuda", "cuda"]
+    step = bench.seqtest_step("lstm", 4, 6, 8, device="cuda")
+    step()
+    assert torch.cuda.memory_allocated() > 0
 
 
 @pytest.mark.parametrize("name", sorted({r[0] for r in bench.REFERENCES.values()}))
