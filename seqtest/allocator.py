@@ -7,7 +7,7 @@ large activation and gradient buffers every step, so each step pays again for ma
 zero-filling them: thousands of minor page faults per step (docs/performance.md). Raising
 the mmap threshold to glibc's maximum (32 MiB on 64-bit), the trim threshold to 1 GiB and
 the top pad to 256 MiB keeps those blocks in the heap from step to step; measured, the page
-faults drop to zero and a mid-size LSTM step gets 1.1x to 1.5x faster.
+faults drop to zero and a mid-size LSTM step gets 1.1x to 1.8x faster.
 
 The cost is memory: up to about 1 GiB of freed heap stays with the process instead of going
 back to the system. The settings change no arithmetic. They are applied through `mallopt`,
@@ -17,8 +17,10 @@ so they reach this process only; a user who sets any ``MALLOC_*`` variable, or
 
 Blocks above 32 MiB (a large model's [T, B, 4H] buffers) are still mapped and unmapped every
 step. ``SEQTEST_MALLOC=no_mmap`` also sets ``M_MMAP_MAX`` to 0, so that every block comes
-from the heap and is reused. It is opt-in: it keeps more memory resident, and its speed-up
-is measured per case by ``python -m seqtest.bench --only allocator``. Reuse is not
+from the heap and is reused. It is opt-in: it was the fastest setting in every case measured,
+but at the largest benchmark size its peak memory kept growing over the first 100 steps
+(to 1.28x the tuned peak) while the tuned peak stayed flat (docs/performance.md); its
+speed-up is measured per case by ``python -m seqtest.bench --only allocator``. Reuse is not
 immediate: PyTorch allocates with `posix_memalign`, which asks for a little more than the
 block it frees, so the next allocation of the same size is carved from fresh heap until
 enough freed neighbours have merged (measured with 64 MiB blocks: the first 7 allocations
