@@ -3,11 +3,15 @@
     seqtest-report multirun/2026-11-29/10-00-00        # a sweep folder
     seqtest-report outputs/2026-11-29/10-05-00         # one run
     seqtest-report results/                            # any folder holding run folders, nested
+    seqtest-report sweep_a sweep_b --out combined/     # several folders, one report
 
 Every run folder under PATH is read: ``.hydra/overrides.yaml`` (what the command line set),
 ``summary.json``, ``metrics.jsonl`` and ``gradients.npz`` (all optional but the folder itself).
-Runs are grouped into *configurations* by their overrides minus ``seed``; a run without
-``.hydra/overrides.yaml`` is grouped by the task, model and length of its summary.
+Runs are grouped into *configurations* by their overrides minus ``seed`` and minus the
+keys that change how a run executes but not what it computes (``RUNTIME_KEYS``: threads,
+resume, progress bar, checkpoint cadence), so that the seeds of one configuration run by
+different sweeps, or resumed, land in one row. A run without ``.hydra/overrides.yaml`` is
+grouped by the task, model and length of its summary.
 
 A run without a readable summary is listed as **failed**, with the reason (no summary, a
 corrupted one, where its metrics stop, the last error in its log); it still counts in its
@@ -68,6 +72,10 @@ RUNS_CSV = "report_runs.csv"
 
 #: Override keys that select the seed; a configuration is everything else.
 SEED_KEYS = frozenset({"seed"})
+#: Override keys that change how a run executes, not what it computes: left out of the
+#: configuration, so that a run resumed (``resume=true``) or run with another thread count
+#: counts with the other seeds of its configuration.
+RUNTIME_KEYS = frozenset({"threads", "resume", "train.progress", "train.checkpoint_every"})
 #: Override keys shown in their own columns (task, model, length), not in the config label.
 SHOWN_KEYS = frozenset({"task", "model", "task.length"})
 
@@ -161,10 +169,11 @@ class Run:
 
     @property
     def config(self) -> tuple[str, ...]:
-        """The grouping key: the overrides minus the seed, sorted; without overrides, the
-        task, model and length."""
+        """The grouping key: the overrides minus the seed and the runtime keys, sorted;
+        without overrides, the task, model and length."""
         if self.overrides is not None:
-            return tuple(sorted(o for o in self.overrides if override_key(o) not in SEED_KEYS))
+            left_out = SEED_KEYS | RUNTIME_KEYS
+            return tuple(sorted(o for o in self.overrides if override_key(o) not in left_out))
         return tuple(f"{k}={self.get(k)}" for k in ("task", "model", "length"))
 
     def half_life(self, when: str) -> tuple[str | None, float | None]:
@@ -352,10 +361,27 @@ def load_run(run_dir: Path, root: Path | None = None) -> Run:
     return run
 
 
-def load_runs(root: Path) -> list[Run]:
-    """Every run folder under `root` (itself included), in job order."""
-    root = Path(root)
-    return [load_run(d, root) for d in find_run_dirs(root)]
+def as_roots(roots: Path | str | Sequence[Path | str]) -> list[Path]:
+    """One folder or several, as a list of paths."""
+    if isinstance(roots, (str, os.PathLike)):
+        return [Path(roots)]
+    return [Path(r) for r in roots]
+
+
+def load_runs(roots: Path | Sequence[Path]) -> list[Run]:
+    """Every run folder under `roots` (each itself included), in job order. With several
+    folders, each run's name starts with its folder's name, so that job 0 of one sweep and
+    job 0 of another stay apart."""
+    folders = as_roots(roots)
+    runs = []
+    for root in folders:
+        for run_dir in find_run_dirs(root):
+            run = load_run(run_dir, root)
+            if len(folders) > 1:
+                inner = "" if run.name == "." else run.name
+                run.name = str(Path(root.name or str(root)) / inner)
+            runs.append(run)
+    return runs
 
 
 # ------------------------------------------------------------------------------- aggregating
@@ -657,7 +683,7 @@ def run_rows(runs: Iterable[Run]) -> list[dict]:
 
 @dataclass
 class Report:
-    root: Path
+    root: Path  # the folder read (the first, when several were: see `roots`)
     out_dir: Path
     runs: list[Run]
     groups: list[Group]
@@ -665,6 +691,12 @@ class Report:
     files: list[Path] = field(default_factory=list)
     figure_errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    roots: list[Path] = field(default_factory=list)
+
+    @property
+    def source(self) -> str:
+        """The folder or folders read, for titles."""
+        return ", ".join(str(r) for r in self.roots) if len(self.roots) > 1 else str(self.root)
 
     @property
     def failed(self) -> list[Run]:
@@ -684,7 +716,8 @@ class Report:
         """The terminal version of the report."""
         shown, columns = display_rows(self.rows)
         out = [
-            f"seqtest report {self.root}: {len(self.runs)} runs, {len(self.groups)} configurations"
+            f"seqtest report {self.source}: {len(self.runs)} runs, "
+            f"{len(self.groups)} configurations"
         ]
         if self.common_overrides:
             out.append("common overrides: " + " ".join(self.common_overrides))
@@ -704,7 +737,7 @@ class Report:
 
     def markdown(self, figures: list[Path]) -> str:
         shown, columns = display_rows(self.rows)
-        out = [f"# seqtest report: `{self.root}`", ""]
+        out = ["# seqtest report: " + ", ".join(f"`{r}`" for r in self.roots or [self.root]), ""]
         out.append(
             f"{len(self.runs)} runs in {len(self.groups)} configurations "
             f"({len(self.failed)} failed)."
@@ -760,21 +793,30 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def build_report(root: Path, out_dir: Path | None = None) -> Report:
-    """Read and aggregate every run under `root`; writes nothing."""
+def build_report(root: Path | Sequence[Path], out_dir: Path | None = None) -> Report:
+    """Read and aggregate every run under `root`, one folder or several (then `out_dir` is
+    required: no one folder is the report's own); writes nothing."""
     started = time.perf_counter()
-    root = Path(root)
-    runs = load_runs(root)
+    roots = as_roots(root)
+    if not roots:
+        raise ValueError("no folder to report on")
+    if len(roots) > 1 and out_dir is None:
+        raise ValueError(f"{len(roots)} folders to report on: say where to write (out_dir)")
+    runs = load_runs(roots)
     groups = group_runs(runs)
     rows = [summarise_group(g) for g in groups]
-    report = Report(root, Path(out_dir) if out_dir else root, runs, groups, rows)
+    out = Path(out_dir) if out_dir else roots[0]
+    report = Report(roots[0], out, runs, groups, rows, roots=roots)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def write_report(root: Path, out_dir: Path | None = None, figures: bool = True) -> Report:
-    """Build the report of the runs under `root` and write report.csv, report_runs.csv,
-    report.md and the figures into `out_dir` (default: `root`)."""
+def write_report(
+    root: Path | Sequence[Path], out_dir: Path | None = None, figures: bool = True
+) -> Report:
+    """Build the report of the runs under `root` (one folder or several) and write
+    report.csv, report_runs.csv, report.md and the figures into `out_dir` (default: `root`;
+    required for several)."""
     started = time.perf_counter()
     report = build_report(root, out_dir)
     if not report.runs:
@@ -797,24 +839,34 @@ def write_report(root: Path, out_dir: Path | None = None, figures: bool = True) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`seqtest-report PATH`: print the report of the runs under PATH and write it there."""
+    """`seqtest-report PATH [PATH ...]`: print the report of the runs under PATH and write it
+    there (several folders: into --out)."""
     parser = argparse.ArgumentParser(
         prog="seqtest-report",
         description="Summarise the runs under PATH (a multirun folder, a run folder or any "
-        "folder holding run folders): a table per configuration (overrides minus seed), "
-        "report.csv, report.md and figures.",
+        "folder holding run folders): a table per configuration (overrides minus seed and "
+        "runtime keys such as threads or resume), report.csv, report.md and figures. Several "
+        "PATHs make one report (the seeds of one configuration from different sweeps in one "
+        "row), written into --out.",
     )
-    parser.add_argument("path", type=Path, help="folder holding the run folders")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="folder of runs")
     parser.add_argument(
-        "--out", type=Path, default=None, help="write the files here (default: PATH)"
+        "--out",
+        type=Path,
+        default=None,
+        help="write the files here (default: PATH; required with several PATHs)",
     )
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     args = parser.parse_args(argv)
-    if not args.path.is_dir():
-        parser.error(f"{args.path} is not a folder")
-    report = write_report(args.path, args.out, figures=not args.no_figures)
+    for path in args.paths:
+        if not path.is_dir():
+            parser.error(f"{path} is not a folder")
+    if len(args.paths) > 1 and args.out is None:
+        parser.error(f"{len(args.paths)} PATHs given: --out is required (the report's folder)")
+    report = write_report(args.paths, args.out, figures=not args.no_figures)
     if not report.runs:
-        print(f"seqtest-report: no run folders under {args.path}", file=sys.stderr)
+        where = " ".join(str(p) for p in args.paths)
+        print(f"seqtest-report: no run folders under {where}", file=sys.stderr)
         return 1
     print(report.text())
     print(f"({len(report.runs)} runs read and reported in {report.seconds:.2f} s)")

@@ -177,6 +177,52 @@ def test_a_seed_given_with_plus_is_still_left_out_of_the_configuration(tmp_path)
     assert len(report.groups) == 1 and report.rows[0]["runs"] == 2
 
 
+def test_runtime_keys_are_left_out_of_the_configuration_and_real_keys_are_not(tmp_path):
+    """A seed resumed or run with one thread counts with its configuration's other seeds; a
+    different step budget is a different configuration."""
+    rng = np.random.default_rng(17)
+    synthetic_run(tmp_path / "0", model="lstm", length=30, seed=0, rng=rng)
+    synthetic_run(
+        tmp_path / "1", model="lstm", length=30, seed=1, rng=rng,
+        extra=("threads=1", "train.progress=False", "resume=True", "train.checkpoint_every=50"),
+    )  # fmt: skip
+    synthetic_run(tmp_path / "2", model="lstm", length=30, seed=2, rng=rng, extra=("threads=1",))
+    synthetic_run(
+        tmp_path / "3", model="lstm", length=30, seed=3, rng=rng, extra=("train.steps=500",)
+    )
+    report = rp.build_report(tmp_path)
+    assert [g.key for g in report.groups] == [
+        ("model=lstm", "task.length=30", "task=adding"),
+        ("model=lstm", "task.length=30", "task=adding", "train.steps=500"),
+    ]
+    assert [row["runs"] for row in report.rows] == [3, 1]
+
+
+def test_several_folders_make_one_report_with_the_seeds_of_each_configuration_together(tmp_path):
+    rng = np.random.default_rng(18)
+    first = synthetic_sweep(tmp_path / "seed0", ["rnn", "gru"], [10, 20], [0], rng)
+    later = synthetic_sweep(
+        tmp_path / "seeds12", ["gru", "rnn"], [20, 10], [1, 2], rng, extra=("threads=1",)
+    )
+    out = tmp_path / "combined"
+    report = rp.write_report([tmp_path / "seed0", tmp_path / "seeds12"], out, figures=False)
+
+    assert len(report.runs) == 12 and len(report.rows) == 4
+    assert report.runs[0].name == "seed0/0" and report.runs[-1].name == "seeds12/7"
+    for (model, length), summaries in first.items():
+        ratios = [s["loss_ratio"] for s in summaries + later[(model, length)]]
+        row = row_for(report, model, length)
+        assert row["runs"] == 3
+        assert row["loss_ratio_mean"] == pytest.approx(np.mean(ratios))
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.md", "report_runs.csv"]
+    assert not (tmp_path / "seed0" / "report.md").exists()
+    markdown = (out / "report.md").read_text()
+    assert f"`{tmp_path / 'seed0'}`, `{tmp_path / 'seeds12'}`" in markdown.splitlines()[0]
+
+    with pytest.raises(ValueError, match="out_dir"):
+        rp.build_report([tmp_path / "seed0", tmp_path / "seeds12"])
+
+
 def test_the_label_names_only_overrides_that_differ_and_are_not_own_columns(tmp_path):
     rng = np.random.default_rng(2)
     for job, hidden in enumerate((32, 64)):
@@ -412,6 +458,15 @@ def test_main_prints_the_report_and_returns_its_status(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         rp.main([str(tmp_path / "missing")])
     assert stop.value.code == 2
+
+    synthetic_sweep(tmp_path / "other", ["rnn"], [10], [2], rng)
+    with pytest.raises(SystemExit) as stop:
+        rp.main([str(tmp_path / "sweep"), str(tmp_path / "other")])
+    assert stop.value.code == 2 and "--out is required" in capsys.readouterr().err
+    both = [str(tmp_path / "sweep"), str(tmp_path / "other"), "--out", str(tmp_path / "both")]
+    assert rp.main([*both, "--no-figures"]) == 0
+    assert "5 runs, 2 configurations" in capsys.readouterr().out
+    assert (tmp_path / "both" / "report.md").exists()
 
 
 def test_the_module_runs_as_a_script(tmp_path):
