@@ -24,9 +24,10 @@ Per configuration (``report.csv``, ``report.md`` and the terminal):
 * ``solved``: fraction of *finished* runs that solved the task, where finished means a
   summary whose status is not ``interrupted`` (an interrupted run did not use its budget).
   A run counts as solved when its status is ``solved`` or it has a ``solved_at_step``.
-* ``loss_ratio``: final validation loss / the task's baseline over the finished runs with a
-  finite value, mean and sample standard deviation (n - 1); a diverged run's inf or NaN is
-  left out of both and shows in ``statuses``.
+* ``loss_ratio``: final validation loss / the task's baseline over the finished runs that
+  did not diverge and have a finite value, mean and sample standard deviation (n - 1). A
+  diverged run is left out of both, its loss being whatever the overflow left (inf, NaN, or
+  a finite 1e17 that would swamp the mean); it shows in ``statuses``.
 * ``steps_to_solve``: median ``solved_at_step`` over the solved runs.
 * ``half_life_init`` / ``half_life_final``: median over runs of the gradient half-life, in
   steps, of the top layer at the first and at the last probe (``summary.json``'s
@@ -504,7 +505,8 @@ def summarise_group(group: Group) -> dict[str, Any]:
     """One report row. Numbers are plain floats (None where there is nothing to show)."""
     runs = group.runs
     finished = [r for r in runs if r.finished]
-    ratios = [v for v in (finite(r.loss_ratio) for r in finished) if v is not None]
+    converged = [r for r in finished if r.status != "diverged"]
+    ratios = [v for v in (finite(r.loss_ratio) for r in converged) if v is not None]
     solved = [r for r in finished if r.solved]
     solve_steps = [
         v for v in (finite(r.summary.get("solved_at_step")) for r in solved) if v is not None
@@ -748,7 +750,7 @@ class Report:
         out += [
             "*solved*: runs that solved / finished runs (finished: a summary whose status is not",
             "`interrupted`). *loss / baseline*: final validation loss over the task's baseline,",
-            "mean ± sample std over finished runs with a finite value. *steps to solve*: median",
+            "mean ± sample std over finished runs that did not diverge. *steps to solve*: median",
             "over solved runs. *half-life*: median gradient half-life of the top layer, in steps,",
             "at the first and the last gradient probe (*none*: the gradient does not decay;",
             "*n/a*: nothing to fit, e.g. a task scored at every step). *lyapunov*: median top",

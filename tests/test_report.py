@@ -305,13 +305,18 @@ def test_diverged_and_interrupted_runs_are_counted_as_such(tmp_path):
     write_json(tmp_path / "2" / "summary.json", interrupted)
     futuristic = dict(expected[("rnn", 60)][3], status="timed_out", solved_at_step=None)
     write_json(tmp_path / "3" / "summary.json", futuristic)
+    # a diverged run whose loss overflowed to a finite number: left out of the mean as well
+    blown = dict(
+        expected[("rnn", 60)][0], status="diverged", loss_ratio=4.5e32, solved_at_step=None
+    )
+    write_run(tmp_path / "4", ["model=rnn", "task=adding", "task.length=60", "seed=4"], blown)
 
     [row] = rp.build_report(tmp_path).rows
     first = expected[("rnn", 60)][0]
-    assert row["statuses"] == f"1 {first['status']}, 1 diverged, 1 interrupted, 1 timed_out"
-    assert row["finished"] == 3 and row["failed"] == 0
-    assert row["solved_fraction"] == pytest.approx((first["status"] == "solved") / 3)
-    assert row["loss_ratio_n"] == 2  # the diverged run's NaN is left out, the interrupted one too
+    assert row["statuses"] == f"1 {first['status']}, 2 diverged, 1 interrupted, 1 timed_out"
+    assert row["finished"] == 4 and row["failed"] == 0
+    assert row["solved_fraction"] == pytest.approx((first["status"] == "solved") / 4)
+    assert row["loss_ratio_n"] == 2  # the diverged runs are left out, the interrupted one too
     assert row["loss_ratio_mean"] == pytest.approx(
         np.mean([first["loss_ratio"], futuristic["loss_ratio"]])
     )
