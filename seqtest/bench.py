@@ -24,7 +24,10 @@ Four measurements, each a list of records (``kind`` tells them apart):
 * ``probe``: the gradient probes' share of a run's wall time at the default cadence
   (`seqtest.bench_probe.run_cost`).
 * ``parallel``: a sweep under ``hydra/launcher=joblib`` against the same jobs one after another
-  (the basic launcher), each as a ``python -m seqtest -m ...`` subprocess.
+  (the basic launcher), each as a ``python -m seqtest -m ...`` subprocess; before them, the
+  machine's own ceiling (``kind: capacity``, `capacity_records`): the throughput of one
+  one-thread process per core side by side over one alone, for a matrix product, a
+  memory-bound pass and the LSTM training step.
 * ``allocator``: a training step in fresh processes with glibc's default allocator settings
   (``SEQTEST_MALLOC=default``), with those seqtest applies (`seqtest.allocator`), and with
   those plus no mapped blocks at all (``SEQTEST_MALLOC=no_mmap``, opt-in).
@@ -402,6 +405,119 @@ def _sweep(overrides: list[str], env: dict | None = None) -> float:
         return time.perf_counter() - started
 
 
+#: Workloads of the parallel-capacity measurement: what one process repeats, built on demand.
+CAPACITY_WORKLOADS = ("gemm", "stream", "lstm_step")
+
+
+def _capacity_work(workload: str, quick: bool) -> Callable[[], None]:
+    """One unit of a workload: a [512, 512] matrix product (compute-bound, in cache), tanh
+    over 4M floats (16 MB in and out: memory-bound), or seqtest's LSTM training step at
+    B=64, T=200, H=128 (the two-LSTM sweep's job; B=8, T=20, H=16 with ``quick``)."""
+    if workload == "gemm":
+        a, out = torch.randn(512, 512), torch.empty(512, 512)
+        return lambda: torch.mm(a, a, out=out)
+    if workload == "stream":
+        x, out = torch.randn(1 << 22), torch.empty(1 << 22)
+        return lambda: torch.tanh(x, out=out)
+    if workload == "lstm_step":
+        return seqtest_step("lstm", *((8, 20, 16) if quick else (64, 200, 128)))
+    raise ValueError(f"workload={workload!r}: allowed {', '.join(CAPACITY_WORKLOADS)}")
+
+
+def _capacity_child(workload: str, quick: bool, seconds: float) -> None:
+    """Run in a fresh one-thread process: warm up, say ``ready``, read the shared start time
+    from stdin, then count the units of work finished in the window [start, start +
+    seconds]; print JSON."""
+    configure_torch(1)
+    work = _capacity_work(workload, quick)
+    for _ in range(2):
+        work()
+    print("ready", flush=True)
+    start_at = float(sys.stdin.readline())
+    while time.time() < start_at:
+        time.sleep(0.0005)
+    started = time.time()
+    stop, done = started + seconds, 0
+    now = started
+    while now < stop:
+        work()
+        done += 1
+        now = time.time()
+    print(json.dumps({"started": started, "ended": now, "units": done / (now - started)}))
+
+
+def _capacity_round(workload: str, processes: int, quick: bool, seconds: float) -> list[dict]:
+    """`processes` children side by side over the same window; each one's JSON. The window
+    opens once every child has imported and warmed up (a barrier, not a guessed delay)."""
+    arguments = f"{workload!r}, {quick!r}, {seconds!r}"
+    code = f"from seqtest.bench import _capacity_child; _capacity_child({arguments})"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(processes)
+    ]
+    for child in children:
+        if child.stdout.readline().strip() != "ready":
+            child.wait()
+            raise RuntimeError(f"capacity child ({workload}) exited with {child.returncode}")
+    start_at = time.time() + 0.1
+    for child in children:
+        child.stdin.write(f"{start_at!r}\n")
+        child.stdin.flush()
+    results = []
+    for child in children:
+        out, _ = child.communicate()
+        if child.returncode:
+            raise RuntimeError(f"capacity child ({workload}) exited with {child.returncode}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def capacity_records(
+    quick: bool, rounds: int = 1, workloads: Iterable[str] = CAPACITY_WORKLOADS, log=None
+) -> list[dict]:
+    """What running side by side can gain on this machine, the ceiling of any parallel sweep:
+    the throughput of as many one-thread processes as there are cores, each repeating the
+    same work over the same window, over the throughput of one process alone. A machine
+    whose cores share their arithmetic units or memory bandwidth (hyperthreads, a
+    virtual machine's vCPUs on one physical core, a saturated memory bus) shows it here,
+    below the core count. Rounds alternate alone / side by side; medians."""
+    processes = os.cpu_count() or 1
+    seconds = 0.5 if quick else 4.0
+    records = []
+    for workload in workloads:
+        alone, together, overlaps = [], [], []
+        for _ in range(rounds):
+            alone.append(_capacity_round(workload, 1, quick, seconds)[0]["units"])
+            side_by_side = _capacity_round(workload, processes, quick, seconds)
+            together.append(sum(r["units"] for r in side_by_side))
+            overlaps.append(
+                min(r["ended"] for r in side_by_side) - max(r["started"] for r in side_by_side)
+            )
+        alone_rate, together_rate = statistics.median(alone), statistics.median(together)
+        record = {
+            "kind": "capacity",
+            "workload": workload,
+            "processes": processes,
+            "alone_per_s": alone_rate,
+            "side_by_side_per_s": together_rate,
+            "throughput": together_rate / alone_rate,
+            "per_process_slowdown": processes * alone_rate / together_rate,
+            "seconds": seconds,
+            "overlap_s": min(overlaps),  # the shortest time all ran at once, in any round
+            "rounds": rounds,
+        }
+        records.append(record)
+        if log:
+            log(
+                f"capacity {workload:9s}: one process {alone_rate:.1f}/s, {processes} side by side "
+                f"{together_rate:.1f}/s in all: {record['throughput']:.2f}x the throughput of "
+                f"one (each process {record['per_process_slowdown']:.2f}x slower than alone)"
+            )
+    return records
+
+
 def parallel_records(quick: bool, rounds: int = 1, log=None) -> list[dict]:
     """Two sweeps, each under joblib and one job after another, interleaved.
 
@@ -631,6 +747,7 @@ def main(argv=None) -> list[dict]:
         else:
             records += probe_records(["rnn", "lstm", "gru"], 200, 3000, 128, log=log)
     if "parallel" in args.only:
+        records += capacity_records(quick, rounds=1 if quick else 3, log=log)
         records += parallel_records(quick, rounds=1 if quick else 2, log=log)
     if "allocator" in args.only:
         cases = [("lstm", 64, 200, 128)]

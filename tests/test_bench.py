@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 
 import pytest
@@ -63,6 +64,20 @@ def test_allocator_records_run_each_setting_in_its_own_process():
     assert set(record["max_rss_mb"]) == set(expected)
     if parent_peak is not None:  # Linux: each child's own peak, far below this process's
         assert all(peak < parent_peak - 500 for peak in record["max_rss_mb"].values())
+
+
+def test_capacity_records_compare_side_by_side_with_alone():
+    (record,) = bench.capacity_records(quick=True, rounds=1, workloads=["gemm"])
+    assert record["kind"] == "capacity" and record["processes"] == os.cpu_count()
+    assert record["overlap_s"] >= 0.9 * record["seconds"]  # the children ran side by side
+    assert record["throughput"] == pytest.approx(
+        record["side_by_side_per_s"] / record["alone_per_s"]
+    )
+    assert record["per_process_slowdown"] == pytest.approx(
+        record["processes"] / record["throughput"]
+    )
+    with pytest.raises(ValueError, match="gemm, stream, lstm_step"):
+        bench._capacity_work("fft", quick=True)
 
 
 def test_main_writes_json(tmp_path):
