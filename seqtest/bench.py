@@ -424,11 +424,11 @@ def _capacity_work(workload: str, quick: bool) -> Callable[[], None]:
     raise ValueError(f"workload={workload!r}: allowed {', '.join(CAPACITY_WORKLOADS)}")
 
 
-def _capacity_child(workload: str, quick: bool, seconds: float) -> None:
-    """Run in a fresh one-thread process: warm up, say ``ready``, read the shared start time
-    from stdin, then count the units of work finished in the window [start, start +
-    seconds]; print JSON."""
-    configure_torch(1)
+def _capacity_child(workload: str, quick: bool, seconds: float, threads: int = 1) -> None:
+    """Run in a fresh process on `threads` torch threads: warm up, say ``ready``, read the
+    shared start time from stdin, then count the units of work finished in the window
+    [start, start + seconds]; print JSON."""
+    configure_torch(threads)
     work = _capacity_work(workload, quick)
     for _ in range(2):
         work()
@@ -446,10 +446,13 @@ def _capacity_child(workload: str, quick: bool, seconds: float) -> None:
     print(json.dumps({"started": started, "ended": now, "units": done / (now - started)}))
 
 
-def _capacity_round(workload: str, processes: int, quick: bool, seconds: float) -> list[dict]:
-    """`processes` children side by side over the same window; each one's JSON. The window
-    opens once every child has imported and warmed up (a barrier, not a guessed delay)."""
-    arguments = f"{workload!r}, {quick!r}, {seconds!r}"
+def _capacity_round(
+    workload: str, processes: int, quick: bool, seconds: float, threads: int = 1
+) -> list[dict]:
+    """`processes` children side by side over the same window, `threads` torch threads each;
+    each one's JSON. The window opens once every child has imported and warmed up (a
+    barrier, not a guessed delay)."""
+    arguments = f"{workload!r}, {quick!r}, {seconds!r}, {threads!r}"
     code = f"from seqtest.bench import _capacity_child; _capacity_child({arguments})"
     children = [
         subprocess.Popen(
@@ -477,25 +480,35 @@ def _capacity_round(workload: str, processes: int, quick: bool, seconds: float) 
 def capacity_records(
     quick: bool, rounds: int = 1, workloads: Iterable[str] = CAPACITY_WORKLOADS, log=None
 ) -> list[dict]:
-    """What running side by side can gain on this machine, the ceiling of any parallel sweep:
-    the throughput of as many one-thread processes as there are cores, each repeating the
-    same work over the same window, over the throughput of one process alone. A machine
-    whose cores share their arithmetic units or memory bandwidth (hyperthreads, a
-    virtual machine's vCPUs on one physical core, a saturated memory bus) shows it here,
-    below the core count. Rounds alternate alone / side by side; medians."""
+    """What running side by side can gain on this machine, the ceiling of the parallel-sweep
+    speed-ups. Three ways to use the cores for the same work, over the same window:
+
+    * ``alone``: one process, one thread;
+    * ``side_by_side``: one one-thread process per core (what joblib runs); its throughput
+      over ``alone`` is below the core count where the cores share their arithmetic units
+      or memory bandwidth (hyperthreads, a virtual machine's vCPUs on one physical core, a
+      saturated memory bus);
+    * ``threaded``: one process with one thread per core (the basic launcher, one job
+      after another).
+
+    ``parallel_ceiling`` = side_by_side / threaded is the most a joblib sweep of such jobs can
+    gain over the basic launcher: work that already spreads well over threads leaves little
+    to gain. Rounds alternate the three; medians."""
     processes = os.cpu_count() or 1
     seconds = 0.5 if quick else 4.0
     records = []
     for workload in workloads:
-        alone, together, overlaps = [], [], []
+        alone, together, threaded, overlaps = [], [], [], []
         for _ in range(rounds):
             alone.append(_capacity_round(workload, 1, quick, seconds)[0]["units"])
+            threaded.append(_capacity_round(workload, 1, quick, seconds, processes)[0]["units"])
             side_by_side = _capacity_round(workload, processes, quick, seconds)
             together.append(sum(r["units"] for r in side_by_side))
             overlaps.append(
                 min(r["ended"] for r in side_by_side) - max(r["started"] for r in side_by_side)
             )
         alone_rate, together_rate = statistics.median(alone), statistics.median(together)
+        threaded_rate = statistics.median(threaded)
         record = {
             "kind": "capacity",
             "workload": workload,
@@ -504,6 +517,9 @@ def capacity_records(
             "side_by_side_per_s": together_rate,
             "throughput": together_rate / alone_rate,
             "per_process_slowdown": processes * alone_rate / together_rate,
+            "threaded_per_s": threaded_rate,
+            "thread_speedup": threaded_rate / alone_rate,
+            "parallel_ceiling": together_rate / threaded_rate,
             "seconds": seconds,
             "overlap_s": min(overlaps),  # the shortest time all ran at once, in any round
             "rounds": rounds,
@@ -513,7 +529,10 @@ def capacity_records(
             log(
                 f"capacity {workload:9s}: one process {alone_rate:.1f}/s, {processes} side by side "
                 f"{together_rate:.1f}/s in all: {record['throughput']:.2f}x the throughput of "
-                f"one (each process {record['per_process_slowdown']:.2f}x slower than alone)"
+                f"one (each process {record['per_process_slowdown']:.2f}x slower than alone); "
+                f"one process on {processes} threads {threaded_rate:.1f}/s "
+                f"({record['thread_speedup']:.2f}x): side by side / threaded "
+                f"{record['parallel_ceiling']:.2f}x"
             )
     return records
 

@@ -76,6 +76,9 @@ def test_capacity_records_compare_side_by_side_with_alone():
     assert record["per_process_slowdown"] == pytest.approx(
         record["processes"] / record["throughput"]
     )
+    assert record["parallel_ceiling"] == pytest.approx(
+        record["side_by_side_per_s"] / record["threaded_per_s"]
+    )
     with pytest.raises(ValueError, match="gemm, stream, lstm_step"):
         bench._capacity_work("fft", quick=True)
 
