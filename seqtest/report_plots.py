@@ -3,7 +3,9 @@
 * ``report_curves.png``: validation loss / baseline against training step, one panel per task
   and sequence length, one colour per configuration: the median over seeds, a band from the
   lowest to the highest seed, and each seed as a thin line (a run that stopped early, solved
-  or killed, simply ends).
+  or killed, simply ends). The axis stops at `CURVE_CEILING` x baseline, so that one
+  diverging run (1e30 x) does not flatten every other curve; the panel says so when a curve
+  went above.
 * ``report_length.png``: the classic comparison: solved fraction and final loss / baseline
   (mean ± std over seeds) against sequence length, one line per model (per configuration
   without its length).
@@ -99,6 +101,9 @@ def _length_axis(ax, lengths: list[float]) -> None:
 
 # ------------------------------------------------------------------------------------ figures
 
+#: The top of the loss-curve axis, in multiples of the baseline.
+CURVE_CEILING = 1e3
+
 
 def curves_figure(report: Report) -> Figure | None:
     style = _Style(report)
@@ -130,7 +135,13 @@ def curves_figure(report: Report) -> Figure | None:
                 steps, mid, color=color, lw=1.8, label=f"{style.label(group)} (n={len(curves)})"
             )
         ax.axhline(1.0, color="0.4", ls="--", lw=0.8)
-        _log_if_positive(ax, [c[1] for _, cs in entries for c in cs])
+        ratios = [c[1] for _, cs in entries for c in cs]
+        _log_if_positive(ax, ratios)
+        highest = max((np.nanmax(r) for r in ratios if np.isfinite(r).any()), default=0.0)
+        if highest > CURVE_CEILING:
+            ax.set_ylim(top=CURVE_CEILING)
+            note = f"axis cut at {CURVE_CEILING:g} x (highest {highest:.2g} x)"
+            ax.text(0.02, 0.98, note, transform=ax.transAxes, fontsize=7, va="top", color="0.3")
         ax.set_title(f"{task}, T={length}", fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel("validation loss / baseline")

@@ -570,6 +570,24 @@ def test_a_multirun_with_a_failing_job_still_leaves_its_report(tmp_path):
     assert "stopped early" in done.stdout
 
 
+def test_a_diverging_curve_does_not_flatten_the_others(tmp_path):
+    from seqtest.report_plots import CURVE_CEILING, curves_figure
+
+    rng = np.random.default_rng(19)
+    synthetic_sweep(tmp_path / "calm", ["lstm", "gru"], [20], [0], rng)
+    [calm_ax] = curves_figure(rp.build_report(tmp_path / "calm")).axes
+    assert calm_ax.get_ylim()[1] < 10 and not calm_ax.texts
+
+    synthetic_sweep(tmp_path / "wild", ["lstm", "gru"], [20], [0], rng)
+    metrics = tmp_path / "wild" / "1" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records[2]["val_loss"] = 1e30
+    write_jsonl(metrics, records)
+    [wild_ax] = curves_figure(rp.build_report(tmp_path / "wild")).axes
+    assert wild_ax.get_ylim()[1] == CURVE_CEILING
+    assert "highest 6e+30 x" in wild_ax.texts[0].get_text()  # 1e30 / baseline 1/6
+
+
 def test_lyapunov_exponent_and_saturation_are_medians_over_seeds(tmp_path):
     rng = np.random.default_rng(7)
     digests = {0: (-0.5, 0.1), 1: (-0.3, 0.4), 2: (-0.1, 0.2)}
