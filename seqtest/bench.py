@@ -25,9 +25,9 @@ Four measurements, each a list of records (``kind`` tells them apart):
   (`seqtest.bench_probe.run_cost`).
 * ``parallel``: a sweep under ``hydra/launcher=joblib`` against the same jobs one after another
   (the basic launcher), each as a ``python -m seqtest -m ...`` subprocess; before them, the
-  machine's own ceiling (``kind: capacity``, `capacity_records`): the throughput of one
-  one-thread process per core side by side over one alone, for a matrix product, a
-  memory-bound pass and the LSTM training step.
+  machine's own ceiling (``kind: capacity``, `capacity_records`): one-thread processes side
+  by side, and one process on every core's thread, against one process alone, for a matrix
+  product, a memory-bound pass and the LSTM training step.
 * ``allocator``: a training step in fresh processes with glibc's default allocator settings
   (``SEQTEST_MALLOC=default``), with those seqtest applies (`seqtest.allocator`), and with
   those plus no mapped blocks at all (``SEQTEST_MALLOC=no_mmap``, opt-in).
@@ -460,21 +460,27 @@ def _capacity_round(
         )
         for _ in range(processes)
     ]
-    for child in children:
-        if child.stdout.readline().strip() != "ready":
-            child.wait()
-            raise RuntimeError(f"capacity child ({workload}) exited with {child.returncode}")
-    start_at = time.time() + 0.1
-    for child in children:
-        child.stdin.write(f"{start_at!r}\n")
-        child.stdin.flush()
-    results = []
-    for child in children:
-        out, _ = child.communicate()
-        if child.returncode:
-            raise RuntimeError(f"capacity child ({workload}) exited with {child.returncode}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    try:
+        for child in children:
+            if child.stdout.readline().strip() != "ready":
+                child.wait()
+                raise RuntimeError(f"capacity child ({workload}) exited with {child.returncode}")
+        start_at = time.time() + 0.1
+        for child in children:
+            child.stdin.write(f"{start_at!r}\n")
+            child.stdin.flush()
+        results = []
+        for child in children:
+            out, _ = child.communicate()
+            if child.returncode:
+                raise RuntimeError(f"capacity child ({workload}) exited with {child.returncode}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:  # a failed child must not leave the others waiting for their start time
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
 
 
 def capacity_records(

@@ -81,6 +81,8 @@ def test_capacity_records_compare_side_by_side_with_alone():
     )
     with pytest.raises(ValueError, match="gemm, stream, lstm_step"):
         bench._capacity_work("fft", quick=True)
+    with pytest.raises(RuntimeError, match=r"capacity child \(fft\) exited with 1"):
+        bench._capacity_round("fft", 2, quick=True, seconds=0.1)
 
 
 def test_main_writes_json(tmp_path):
