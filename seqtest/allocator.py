@@ -18,8 +18,9 @@ so they reach this process only; a user who sets any ``MALLOC_*`` variable, or
 Blocks above 32 MiB (a large model's [T, B, 4H] buffers) are still mapped and unmapped every
 step. ``SEQTEST_MALLOC=no_mmap`` also sets ``M_MMAP_MAX`` to 0, so that every block comes
 from the heap and is reused. It is opt-in: it was the fastest setting in every case measured,
-but at the largest benchmark size its peak memory kept growing over the first 100 steps
-(to 1.28x the tuned peak) while the tuned peak stayed flat (docs/performance.md); its
+but at the largest benchmark size its peak memory grew over the first 100 steps of one run
+and up to step 300 of another (to 1.25-1.28x the tuned peak) while the tuned peak stayed
+flat (docs/performance.md); its
 speed-up is measured per case by ``python -m seqtest.bench --only allocator``. Reuse is not
 immediate: PyTorch allocates with `posix_memalign`, which asks for a little more than the
 block it frees, so the next allocation of the same size is carved from fresh heap until
