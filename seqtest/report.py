@@ -696,9 +696,9 @@ class Report:
     roots: list[Path] = field(default_factory=list)
 
     @property
-    def source(self) -> str:
-        """The folder or folders read, for titles."""
-        return ", ".join(str(r) for r in self.roots) if len(self.roots) > 1 else str(self.root)
+    def folders(self) -> list[Path]:
+        """The folders read, for titles."""
+        return self.roots or [self.root]
 
     @property
     def failed(self) -> list[Run]:
@@ -718,7 +718,7 @@ class Report:
         """The terminal version of the report."""
         shown, columns = display_rows(self.rows)
         out = [
-            f"seqtest report {self.source}: {len(self.runs)} runs, "
+            f"seqtest report {', '.join(map(str, self.folders))}: {len(self.runs)} runs, "
             f"{len(self.groups)} configurations"
         ]
         if self.common_overrides:
@@ -739,7 +739,7 @@ class Report:
 
     def markdown(self, figures: list[Path]) -> str:
         shown, columns = display_rows(self.rows)
-        out = ["# seqtest report: " + ", ".join(f"`{r}`" for r in self.roots or [self.root]), ""]
+        out = ["# seqtest report: " + ", ".join(f"`{r}`" for r in self.folders), ""]
         out.append(
             f"{len(self.runs)} runs in {len(self.groups)} configurations "
             f"({len(self.failed)} failed)."
