@@ -26,15 +26,19 @@ time in reverse:
     u_t = W_ih x_t          a_t = W_hh h_{t-1}          z_t = N_x(u_t) + N_h(a_t)
     (i, f, g, o) = act(z_t)          c_t = f c_{t-1} + i g          h_t = o tanh(N_c(c_t))
 
-where N_x, N_h, N_c are the layer's normalisations (N_x's shift includes both biases):
-PyTorch's own `native_layer_norm` / `native_batch_norm` kernels and their backward kernels,
-so the arithmetic of each normalisation is the reference's. Everything, the input term
-included, is computed step by step: computing N_x(W_ih x) for all steps at once, as the
-step-by-step twin does, writes and reads back three [B, T, 4H] tensors and their gradients
-(26 MB each at B=64, T=200, H=128); on a loaded 2-core CPU the layer-norm LSTM's training
-step measured 1.44x the plain LSTM loop's with the input term computed at once and 1.19x
-with it computed step by step. The weight and normalisation-parameter gradients are summed
-step by step as well.
+where N_x, N_h, N_c are the layer's normalisations (N_x's shift includes both biases). The
+input term z^x_t = N_x(u_t) does not depend on the recurrence: the layer computes it for all
+steps before the loop, under autograd (`RecurrentLayer.input_term`: with few inputs the
+statistics come from the weights or the inputs' covariance, so the [T, B, 4H] product is
+written once, already normalised), and the backward pass hands back dL/dz_t, which it
+stores anyway. Inside the loop only N_h and N_c run, as PyTorch's own `native_layer_norm` /
+`native_batch_norm` kernels and their backward kernels, so their arithmetic is the
+reference's. Measured on a 2-core CPU (`python -m seqtest.bench --only steps --models
+ln_lstm bn_lstm`, against the plain LSTM loop), moving N_x out of the loop took the
+layer-norm LSTM from 1.29x to 1.15x at (B, T, H) = (32, 100, 64) and the batch-norm LSTM
+from 1.59x to 1.25x, and from 1.28x to 1.09x at (64, 200, 128): it saves a normalisation
+kernel forward and backward and two matrix products per step. N_h's and N_c's parameter
+gradients are summed step by step.
 
 `RecurrentLayer.forward` takes these paths when training with gradients on
 (`RecurrentLayer.path`); evaluation and the gradient analysis (`forward_unrolled`) run the
@@ -72,13 +76,21 @@ class Normalisation:
         self.mask = [True, True, self.bias is not None]
         self.last = self.running_mean.shape[0] - 1 if self.kind == "batch" else 0
 
+    def prepare(self, length: int) -> None:
+        """Make the views of the running estimates that `length` steps use, once (indexing
+        them at every step costs more than the rest of the call's Python work)."""
+        if self.kind == "batch":
+            used = slice(0, min(length, self.last + 1))
+            self.means = self.running_mean[used].unbind(0)
+            self.vars = self.running_var[used].unbind(0)
+
     def forward(self, x: torch.Tensor, t: int):
         """(normalised x, mean, inverse std) of one step."""
         if self.kind == "layer":
             return torch.native_layer_norm(x, self.shape, self.weight, self.bias, self.eps)
         slot = t if t < self.last else self.last
         return torch.native_batch_norm(
-            x, self.weight, self.bias, self.running_mean[slot], self.running_var[slot],
+            x, self.weight, self.bias, self.means[slot], self.vars[slot],
             True, self.momentum, self.eps,
         )  # fmt: skip
 
@@ -104,33 +116,35 @@ class Normalisation:
 
 
 class NormalisedLSTM(torch.autograd.Function):
-    """Layer input x [B, T, in] -> hidden states [B, T, H], from zero initial states.
+    """Normalised input term [T, B, 4H] -> hidden states [B, T, H], from zero initial states.
 
-    Inputs after `x`: W_ih [4H, in], W_hh [4H, H], the normalisations of W_ih x (whose shift
-    is N_x's own plus both biases: `shift`), of W_hh h and of c (`Normalisation`), then
-    the parameters they use, so that autograd routes their gradients: N_x's weight and
-    shift, N_h's weight and bias, N_c's weight and bias (a missing bias is None).
+    The input term z^x_t = N_x(W_ih x_t) + b of every step comes in time-major and already
+    normalised (`RecurrentLayer.input_term`, under autograd: its statistics do not depend on
+    the recurrence); its gradient, dL/dz_t, is what this function returns for it. The other
+    inputs: W_hh [4H, H], the normalisations of W_hh h and of c (`Normalisation`), then the
+    parameters they use, so that autograd routes their gradients: N_h's weight and bias, N_c's
+    weight and bias (a missing bias is None).
     """
 
     @staticmethod
-    def forward(ctx, x, w_ih, w_hh, norm_x, norm_h, norm_c, *norm_params):
-        B, T, _ = x.shape
-        G = w_hh.shape[0]
+    def forward(ctx, inputs, w_hh, norm_h, norm_c, *norm_params):
+        T, B, G = inputs.shape
         H = G // 4
-        w_ih_t, w_hh_t = w_ih.t(), w_hh.t().contiguous()  # (see ElementwiseRNN)
-        steps = x.transpose(0, 1).contiguous()  # [T, B, in]
-        new = x.new_empty
-        inputs = new(T, B, G)  # u_t = W_ih x_t
+        w_hh_t = w_hh.t().contiguous()  # (see ElementwiseRNN)
+        new = inputs.new_empty
         pre_norm = new(T, B, G)  # a_t = W_hh h_{t-1}
         gates = new(T, B, G)  # i, f, g, o after their activations
         cells = new(T + 1, B, H)  # c_{t-1} at t (c_0 = 0)
         tanh_cells = new(T, B, H)  # tanh(N_c(c_t))
         hidden = new(T + 1, B, H)  # h_{t-1} at t (h_0 = 0)
+        z = new(B, G)  # z_t = z^x_t + N_h(a_t)
         cells[0].zero_()
         hidden[0].zero_()
-        stats = [], [], []  # (mean, rstd) of N_x, N_h, N_c at every step
+        norm_h.prepare(T)
+        norm_c.prepare(T)
+        stats = [], []  # (mean, rstd) of N_h, N_c at every step
         # every step's views, made in a few calls instead of a dozen per step
-        step_x, step_u, step_a = steps.unbind(0), inputs.unbind(0), pre_norm.unbind(0)
+        step_in, step_a = inputs.unbind(0), pre_norm.unbind(0)
         step_act, step_k, step_h, step_c = (
             gates.unbind(0),
             tanh_cells.unbind(0),
@@ -138,78 +152,63 @@ class NormalisedLSTM(torch.autograd.Function):
             cells.unbind(0),
         )
         step_i, step_f, step_g, step_o = (block.unbind(0) for block in gates.chunk(4, dim=2))
+        z_g = z[:, 2 * H : 3 * H]
         for t in range(T):
-            u = torch.mm(step_x[t], w_ih_t, out=step_u[t])
-            z, *stat = norm_x.forward(u, t)
-            stats[0].append(stat)
             a = torch.mm(step_h[t], w_hh_t, out=step_a[t])
             n, *stat = norm_h.forward(a, t)
-            stats[1].append(stat)
-            z += n
+            stats[0].append(stat)
+            torch.add(step_in[t], n, out=z)
             g = step_g[t]
             torch.sigmoid(z, out=step_act[t])
-            torch.tanh(z[:, 2 * H : 3 * H], out=g)
+            torch.tanh(z_g, out=g)
             c = torch.mul(step_f[t], step_c[t], out=step_c[t + 1])
             c.addcmul_(step_i[t], g)
             m, *stat = norm_c.forward(c, t)
-            stats[2].append(stat)
+            stats[1].append(stat)
             k = torch.tanh(m, out=step_k[t])
             torch.mul(step_o[t], k, out=step_h[t + 1])
-        ctx.norms = norm_x, norm_h, norm_c
+        ctx.norms = norm_h, norm_c
         ctx.stats = stats
-        ctx.save_for_backward(steps, w_ih, w_hh, inputs, pre_norm, gates, cells, tanh_cells, hidden)
+        ctx.save_for_backward(w_hh, pre_norm, gates, cells, tanh_cells, hidden)
         return hidden[1:].transpose(0, 1).contiguous()
 
     @staticmethod
     def backward(ctx, grad_hidden):
-        steps, w_ih, w_hh, inputs, pre_norm, gates, cells, tanh_cells, hidden = ctx.saved_tensors
-        norm_x, norm_h, norm_c = ctx.norms
-        stats_x, stats_h, stats_c = ctx.stats
+        w_hh, pre_norm, gates, cells, tanh_cells, hidden = ctx.saved_tensors
+        norm_h, norm_c = ctx.norms
+        stats_h, stats_c = ctx.stats
         T, B, G = gates.shape
         H = G // 4
         grad_hidden = grad_hidden.transpose(0, 1)  # [T, B, H]
         d_act = gates.new_empty(B, G)  # dL/d(i, f, g, o) of the current step
-        dz = gates.new_empty(B, G)  # dL/dz_t: z_t = N_x(u_t) + N_h(a_t)
-        d_w_ih = torch.zeros_like(w_ih)
+        d_inputs = gates.new_empty(T, B, G)  # dL/dz_t: z_t = z^x_t + N_h(a_t)
         d_w_hh = torch.zeros_like(w_hh)
-        d_steps = steps.new_empty(steps.shape) if ctx.needs_input_grad[0] else None
-        grads = [], [], []  # (d weight, d bias) of N_x, N_h, N_c, summed over the steps
+        grads = [], []  # (d weight, d bias) of N_h, N_c, summed over the steps
         dh = grad_hidden[T - 1].clone()
         dc = torch.zeros_like(cells[0])
         d_i, d_f, d_g, d_o = d_act.chunk(4, dim=1)
-        dz_g = dz[:, 2 * H : 3 * H]
         step_act, step_k, step_c = gates.unbind(0), tanh_cells.unbind(0), cells.unbind(0)
         step_i, step_f, step_g, step_o = (block.unbind(0) for block in gates.chunk(4, dim=2))
-        step_x, step_u, step_a, step_h = (
-            steps.unbind(0),
-            inputs.unbind(0),
-            pre_norm.unbind(0),
-            hidden.unbind(0),
-        )
-        step_dx = d_steps.unbind(0) if d_steps is not None else None
+        step_a, step_h = pre_norm.unbind(0), hidden.unbind(0)
+        step_dz = d_inputs.unbind(0)
         step_grad = grad_hidden.unbind(0)
         for t in range(T - 1, -1, -1):
-            k, g = step_k[t], step_g[t]
+            k, g, dz = step_k[t], step_g[t], step_dz[t]
             torch.mul(dh, k, out=d_o)
             d_m = aten.tanh_backward(dh * step_o[t], k)  # dL/dN_c(c_t)
-            dc += norm_c.backward(d_m, step_c[t + 1], *stats_c[t], grads[2])
+            dc += norm_c.backward(d_m, step_c[t + 1], *stats_c[t], grads[1])
             torch.mul(dc, g, out=d_i)
             torch.mul(dc, step_c[t], out=d_f)
             torch.mul(dc, step_i[t], out=d_g)
             dc *= step_f[t]
             # sigmoid' for every block, then tanh' over the g block
             aten.sigmoid_backward.grad_input(d_act, step_act[t], grad_input=dz)
-            aten.tanh_backward.grad_input(d_g, g, grad_input=dz_g)
-            du = norm_x.backward(dz, step_u[t], *stats_x[t], grads[0])
-            d_w_ih.addmm_(du.t(), step_x[t])
-            if step_dx is not None:
-                torch.mm(du, w_ih, out=step_dx[t])
-            da = norm_h.backward(dz, step_a[t], *stats_h[t], grads[1])
+            aten.tanh_backward.grad_input(d_g, g, grad_input=dz[:, 2 * H : 3 * H])
+            da = norm_h.backward(dz, step_a[t], *stats_h[t], grads[0])
             if t > 0:  # h_0 = 0: step 0 adds nothing to W_hh's gradient and has no h before
                 d_w_hh.addmm_(da.t(), step_h[t])
                 dh = torch.addmm(step_grad[t - 1], da, w_hh)
-        d_x = d_steps.transpose(0, 1) if d_steps is not None else None
-        return (d_x, d_w_ih, d_w_hh, None, None, None, *grads[0], *grads[1], *grads[2])
+        return (d_inputs, d_w_hh, None, None, *grads[0], *grads[1])
 
 
 def _derivative(activation: str, slope: float):
@@ -387,13 +386,9 @@ def gru(
 
 
 def normalised_lstm(
-    x: torch.Tensor,
-    w_ih: torch.Tensor,
-    w_hh: torch.Tensor,
-    norm_x: Normalisation,
-    norm_h: Normalisation,
-    norm_c: Normalisation,
+    inputs: torch.Tensor, w_hh: torch.Tensor, norm_h: Normalisation, norm_c: Normalisation
 ) -> torch.Tensor:
-    """Hidden states [B, T, H] of a normalised LSTM layer (see the module docstring)."""
-    params = [p for norm in (norm_x, norm_h, norm_c) for p in (norm.weight, norm.bias)]
-    return NormalisedLSTM.apply(x, w_ih, w_hh, norm_x, norm_h, norm_c, *params)
+    """Hidden states [B, T, H] of a normalised LSTM layer from its normalised input term
+    [T, B, 4H] (see the module docstring)."""
+    params = [p for norm in (norm_h, norm_c) for p in (norm.weight, norm.bias)]
+    return NormalisedLSTM.apply(inputs, w_hh, norm_h, norm_c, *params)

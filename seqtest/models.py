@@ -37,6 +37,9 @@ GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 ACTIVATIONS = ("tanh", "sigmoid", "relu", "leaky_relu", "elu", "prelu")
 FUSED_ACTIVATIONS = ("tanh", "relu")  # what nn.RNN runs itself
 NORMS = ("none", "layer", "batch")
+# up to this many inputs, normalisations of W_ih x take their statistics from the weights and
+# the inputs' covariance instead of from the [B, T, G*H] product (seqtest.bptt)
+FEW_INPUTS = 8
 
 
 @dataclass
@@ -167,13 +170,25 @@ class StepBatchNorm(nn.Module):
         out = centred * (torch.rsqrt(var + self.eps) * self.weight)
         return out + self.bias if self.bias is not None else out
 
-    def forward_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``forward_sequence(F.linear(x, weight))`` for x [B, T, in] with few inputs, without
-        the passes over the [B, T, F] product: its batch mean is the inputs' mean times W and
-        its batch variance w_f' C_t w_f, from each step's input covariance C_t [in, in]. The
-        product is formed once, from the centred inputs, and scaled in the same pass."""
-        if not self.training or x.shape[-1] > 8:
-            return self.forward_sequence(F.linear(x, weight))
+    def forward_linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        shift: torch.Tensor | None = None,
+        time_major: bool = False,
+    ) -> torch.Tensor:
+        """``forward_sequence(F.linear(x, weight)) + shift`` for x [B, T, in] ([T, B, F] with
+        `time_major`, the hand-written LSTM's layout). With few inputs, without the passes
+        over the [B, T, F] product: its batch mean is the inputs' mean times W and its batch
+        variance w_f' C_t w_f, from each step's input covariance C_t [in, in]. The product is
+        formed once, from the centred inputs, scaled and shifted in the same pass."""
+        if not self.training or x.shape[-1] > FEW_INPUTS:
+            if time_major:  # the product time-major, normalised through a batch-first view
+                out = self.forward_sequence(F.linear(x.transpose(0, 1), weight).transpose(0, 1))
+                out = out.transpose(0, 1).contiguous()
+            else:
+                out = self.forward_sequence(F.linear(x, weight))
+            return out + shift if shift is not None else out
         n = x.shape[0]
         mean_x = x.mean(0)  # [T, in]
         centred = x - mean_x
@@ -182,8 +197,17 @@ class StepBatchNorm(nn.Module):
         mean = F.linear(mean_x, weight)
         self._update(0, mean.detach(), var.detach() * (n / max(n - 1, 1)))
         scale = torch.rsqrt(var + self.eps) * self.weight
+        bias = self.bias
+        if shift is not None:
+            bias = shift if bias is None else bias + shift
+        if time_major:  # step t's product with W scaled by step t's statistics: one pass
+            scaled = (weight * scale.unsqueeze(-1)).transpose(1, 2)  # [T, in, F]
+            steps = centred.transpose(0, 1)
+            if bias is None:
+                return torch.bmm(steps, scaled)
+            return torch.baddbmm(bias, steps, scaled)
         out = F.linear(centred, weight) * scale
-        return out + self.bias if self.bias is not None else out
+        return out + bias if bias is not None else out
 
     @torch.no_grad()
     def _update(self, first_step: int, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -273,7 +297,7 @@ class RecurrentLayer(nn.Module):
         if path == "bptt" and self.config.cell == "gru":
             return gru(x, w_ih, w_hh, b_ih, b_hh)
         if path == "bptt":
-            return normalised_lstm(x, w_ih, w_hh, *self.normalisations())
+            return normalised_lstm(self.input_term(x), w_hh, *self.normalisations())
         hs, _, _ = self.unroll(x)
         return torch.stack(hs, dim=1)
 
@@ -304,32 +328,46 @@ class RecurrentLayer(nn.Module):
                     return "bptt"
         return "fused" if config.fused else "loop"
 
-    def normalisations(self) -> tuple[Normalisation, Normalisation, Normalisation]:
-        """The normalisations of W_ih x, W_hh h and c, as `seqtest.bptt` takes them. The first
-        one's shift carries both biases: N_x(u) + N_h(a) + b_ih + b_hh in one term."""
-        _, _, b_ih, b_hh = self.weights()
-        shift = b_ih + b_hh
-        if self.norm_x.bias is not None:
-            shift = shift + self.norm_x.bias
-        shifts = (shift, self.norm_h.bias, self.norm_c.bias)
-        modules = (self.norm_x, self.norm_h, self.norm_c)
+    def normalisations(self) -> tuple[Normalisation, Normalisation]:
+        """The normalisations of W_hh h and of c, as `seqtest.bptt` takes them."""
+        modules = (self.norm_h, self.norm_c)
         if self.config.norm == "layer":
-            return tuple(
-                Normalisation("layer", norm.weight, bias, norm.eps)
-                for norm, bias in zip(modules, shifts, strict=True)
-            )
+            return tuple(Normalisation("layer", n.weight, n.bias, n.eps) for n in modules)
         return tuple(
             Normalisation(
-                "batch",
-                norm.weight,
-                bias,
-                norm.eps,
-                norm.momentum,
-                norm.running_mean,
-                norm.running_var,
-            )  # fmt: skip
-            for norm, bias in zip(modules, shifts, strict=True)
+                "batch", n.weight, n.bias, n.eps, n.momentum, n.running_mean, n.running_var
+            )
+            for n in modules
         )
+
+    def input_term(self, x: torch.Tensor) -> torch.Tensor:
+        """A normalised LSTM's input term N_x(W_ih x) + b_ih + b_hh of every step, time-major
+        [T, B, G*H], as the hand-written BPTT takes it (autograd differentiates it).
+
+        The same values as `project`, computed with fewer passes over [T, B, G*H]: with few
+        inputs (`FEW_INPUTS`), layer norm's statistics come from the weights (the feature
+        mean of W x is the rows' mean times x, its variance x' S x with S the covariance of
+        W's columns, [in, in]) and batch norm's from each step's input covariance, so the
+        product is written once, already normalised and shifted. Measured on a 2-core CPU,
+        normalising each step inside the loop instead cost one normalisation kernel forward
+        and backward and two matrix products per step (docs/performance.md)."""
+        w_ih, _, b_ih, b_hh = self.weights()
+        norm_x = self.norm_x
+        shift = b_ih + b_hh
+        steps = x.transpose(0, 1)  # [T, B, in]
+        if self.config.norm == "batch":
+            if norm_x.bias is not None:
+                shift = shift + norm_x.bias
+            return norm_x.forward_linear(x, w_ih, shift, time_major=True)
+        shift = shift + norm_x.bias
+        if x.shape[-1] > FEW_INPUTS:
+            return F.layer_norm(F.linear(steps, w_ih), norm_x.normalized_shape, norm_x.weight,
+                                shift, norm_x.eps)  # fmt: skip
+        centred = w_ih - w_ih.mean(0)  # W x - mean_f (W x) = centred x
+        covariance = centred.t() @ centred / w_ih.shape[0]  # var_f (W x) = x' S x
+        var = ((steps @ covariance) * steps).sum(-1, keepdim=True)
+        scaled = steps * torch.rsqrt(var + norm_x.eps)
+        return F.linear(scaled, centred * norm_x.weight[:, None], shift)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The input term of every step at once, [B, T, G*H]: W_ih x + b_ih for plain cells;

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from seqtest.errors import ConfigError
-from seqtest.models import ModelConfig, build_model, count_parameters
+from seqtest.models import FEW_INPUTS, ModelConfig, build_model, count_parameters
 
 CELLS = ["rnn", "lstm", "gru"]
 
 
-def make(cell: str, layers: int = 2, **kw):
+def make(cell: str, layers: int = 2, hidden_size: int = 6, **kw):
     torch.manual_seed(0)
-    return build_model(dict(cell=cell, hidden_size=6, num_layers=layers, **kw), 3, 2)
+    return build_model(dict(cell=cell, hidden_size=hidden_size, num_layers=layers, **kw), 3, 2)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -78,13 +78,16 @@ def assert_bptt_matches_the_twin(model) -> None:
 
 
 @pytest.mark.parametrize("norm", ["layer", "batch"])
-@pytest.mark.parametrize("layers,residual", [(1, False), (2, True)])
-def test_hand_written_bptt_matches_autograd_through_the_twin(norm, layers, residual):
+@pytest.mark.parametrize("layers,residual,hidden", [(1, False, 6), (2, True, 6), (2, False, 9)])
+def test_hand_written_bptt_matches_autograd_through_the_twin(norm, layers, residual, hidden):
     """The training path of the layer- and batch-norm LSTMs (seqtest.bptt) against autograd
     through the step-by-step twin, in float64: outputs, gradients of the input and of every
     parameter, and the batch-norm running estimates (10 steps, statistics kept for 4: the
-    shared last slot is updated by several steps in turn)."""
-    model = make("lstm", layers, norm=norm, residual=residual, bn_max_steps=4).double()
+    shared last slot is updated by several steps in turn). The input term takes its
+    statistics from the weights for up to `FEW_INPUTS` inputs (3 and 6 here) and from the
+    product for more (the second layer's 9)."""
+    assert 6 <= FEW_INPUTS < 9
+    model = make("lstm", layers, hidden, norm=norm, residual=residual, bn_max_steps=4).double()
     assert_bptt_matches_the_twin(model)
 
 
