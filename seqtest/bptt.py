@@ -48,11 +48,31 @@ gradients.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 aten = torch.ops.aten
+
+
+#: The largest block a per-step buffer is made of: below the mmap threshold that
+#: `seqtest.allocator` sets (32 MiB), so that glibc serves the blocks from the heap and the
+#: next training step reuses them instead of mapping and faulting in fresh pages.
+BLOCK_BYTES = 16 << 20
+
+
+def step_buffers(like: torch.Tensor, steps: int, *shape: int) -> list[torch.Tensor]:
+    """`steps` uninitialised tensors of `shape` (dtype and device of `like`), as views into
+    blocks of at most `BLOCK_BYTES`: one block at small sizes, where one [steps, ...] buffer
+    is cheapest; several at large ones, where a single buffer would be mapped afresh (and
+    every page of it faulted in) at each training step."""
+    per_step = like.element_size() * math.prod(shape)
+    per_block = max(1, BLOCK_BYTES // per_step)
+    views = []
+    for start in range(0, steps, per_block):
+        views.extend(like.new_empty(min(per_block, steps - start), *shape).unbind(0))
+    return views
 
 
 @dataclass
@@ -131,28 +151,22 @@ class NormalisedLSTM(torch.autograd.Function):
         T, B, G = inputs.shape
         H = G // 4
         w_hh_t = w_hh.t().contiguous()  # (see ElementwiseRNN)
-        new = inputs.new_empty
-        pre_norm = new(T, B, G)  # a_t = W_hh h_{t-1}
-        gates = new(T, B, G)  # i, f, g, o after their activations
-        cells = new(T + 1, B, H)  # c_{t-1} at t (c_0 = 0)
-        tanh_cells = new(T, B, H)  # tanh(N_c(c_t))
-        hidden = new(T + 1, B, H)  # h_{t-1} at t (h_0 = 0)
-        z = new(B, G)  # z_t = z^x_t + N_h(a_t)
-        cells[0].zero_()
-        hidden[0].zero_()
+        # every step's buffers as views, made in a few calls instead of a dozen per step
+        step_a = step_buffers(inputs, T, B, G)  # a_t = W_hh h_{t-1}
+        step_act = step_buffers(inputs, T, B, G)  # i, f, g, o after their activations
+        step_c = step_buffers(inputs, T + 1, B, H)  # c_{t-1} at t (c_0 = 0)
+        step_k = step_buffers(inputs, T, B, H)  # tanh(N_c(c_t))
+        step_h = step_buffers(inputs, T + 1, B, H)  # h_{t-1} at t (h_0 = 0)
+        step_c[0].zero_()
+        step_h[0].zero_()
+        blocks = (act.chunk(4, dim=1) for act in step_act)
+        step_i, step_f, step_g, step_o = zip(*blocks, strict=True)
+        step_in = inputs.unbind(0)
+        z = inputs.new_empty(B, G)  # z_t = z^x_t + N_h(a_t)
+        z_g = z[:, 2 * H : 3 * H]
         norm_h.prepare(T)
         norm_c.prepare(T)
         stats = [], []  # (mean, rstd) of N_h, N_c at every step
-        # every step's views, made in a few calls instead of a dozen per step
-        step_in, step_a = inputs.unbind(0), pre_norm.unbind(0)
-        step_act, step_k, step_h, step_c = (
-            gates.unbind(0),
-            tanh_cells.unbind(0),
-            hidden.unbind(0),
-            cells.unbind(0),
-        )
-        step_i, step_f, step_g, step_o = (block.unbind(0) for block in gates.chunk(4, dim=2))
-        z_g = z[:, 2 * H : 3 * H]
         for t in range(T):
             a = torch.mm(step_h[t], w_hh_t, out=step_a[t])
             n, *stat = norm_h.forward(a, t)
@@ -169,29 +183,37 @@ class NormalisedLSTM(torch.autograd.Function):
             torch.mul(step_o[t], k, out=step_h[t + 1])
         ctx.norms = norm_h, norm_c
         ctx.stats = stats
-        ctx.save_for_backward(w_hh, pre_norm, gates, cells, tanh_cells, hidden)
-        return hidden[1:].transpose(0, 1).contiguous()
+        ctx.steps = step_a, step_act, step_c, step_k, step_h, (step_i, step_f, step_g, step_o)
+        ctx.overwrite_inputs = not inputs.is_leaf
+        ctx.save_for_backward(inputs, w_hh)
+        return torch.stack(step_h[1:], dim=1)
 
     @staticmethod
     def backward(ctx, grad_hidden):
-        w_hh, pre_norm, gates, cells, tanh_cells, hidden = ctx.saved_tensors
+        if getattr(ctx, "spent", False):
+            raise RuntimeError(
+                "the hand-written normalised-LSTM backward overwrites its input term and runs "
+                "once per forward; for a second backward (retain_graph=True) use the model's "
+                "forward_unrolled, the step-by-step twin"
+            )
+        ctx.spent = True
+        inputs, w_hh = ctx.saved_tensors
         norm_h, norm_c = ctx.norms
         stats_h, stats_c = ctx.stats
-        T, B, G = gates.shape
+        step_a, step_act, step_c, step_k, step_h, (step_i, step_f, step_g, step_o) = ctx.steps
+        T, B, G = inputs.shape
         H = G // 4
-        grad_hidden = grad_hidden.transpose(0, 1)  # [T, B, H]
-        d_act = gates.new_empty(B, G)  # dL/d(i, f, g, o) of the current step
-        d_inputs = gates.new_empty(T, B, G)  # dL/dz_t: z_t = z^x_t + N_h(a_t)
+        # dL/dz_t (z_t = z^x_t + N_h(a_t)) is the input term's gradient; it is written over
+        # the input term, which nothing reads after the forward pass
+        d_inputs = inputs if ctx.overwrite_inputs else torch.empty_like(inputs)
+        step_dz = d_inputs.unbind(0)
+        step_grad = grad_hidden.unbind(1)
+        d_act = inputs.new_empty(B, G)  # dL/d(i, f, g, o) of the current step
+        d_i, d_f, d_g, d_o = d_act.chunk(4, dim=1)
         d_w_hh = torch.zeros_like(w_hh)
         grads = [], []  # (d weight, d bias) of N_h, N_c, summed over the steps
-        dh = grad_hidden[T - 1].clone()
-        dc = torch.zeros_like(cells[0])
-        d_i, d_f, d_g, d_o = d_act.chunk(4, dim=1)
-        step_act, step_k, step_c = gates.unbind(0), tanh_cells.unbind(0), cells.unbind(0)
-        step_i, step_f, step_g, step_o = (block.unbind(0) for block in gates.chunk(4, dim=2))
-        step_a, step_h = pre_norm.unbind(0), hidden.unbind(0)
-        step_dz = d_inputs.unbind(0)
-        step_grad = grad_hidden.unbind(0)
+        dh = step_grad[T - 1].clone()
+        dc = torch.zeros_like(step_c[0])
         for t in range(T - 1, -1, -1):
             k, g, dz = step_k[t], step_g[t], step_dz[t]
             torch.mul(dh, k, out=d_o)

@@ -92,6 +92,43 @@ def test_hand_written_bptt_matches_autograd_through_the_twin(norm, layers, resid
 
 
 @pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_hand_written_bptt_matches_the_twin_with_buffers_split_into_blocks(norm, monkeypatch):
+    """At large sizes the per-step buffers are split into blocks (`step_buffers`); with
+    blocks of one to eight steps the results are the same as the twin's."""
+    from seqtest import bptt
+
+    step_bytes = 5 * 6 * 8  # one step of [B, H] = [5, 6] in float64; [5, 4H] is 4 times it
+    for steps_per_block in (2, 8):
+        monkeypatch.setattr(bptt, "BLOCK_BYTES", steps_per_block * step_bytes)
+        views = bptt.step_buffers(torch.zeros((), dtype=torch.float64), 11, 5, 6)
+        assert len(views) == 11 and all(v.shape == (5, 6) for v in views)
+        blocks = {v.untyped_storage().data_ptr() for v in views}
+        assert len(blocks) == -(-11 // steps_per_block)
+        model = make("lstm", 1, norm=norm, bn_max_steps=4).double()
+        assert_bptt_matches_the_twin(model)
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_normalised_lstm_backward_runs_once_and_leaves_a_leaf_input_alone(norm):
+    """The backward pass writes dL/dz_t over the input term it was given, so a second pass
+    through the same graph stops with an error; an input term that is a leaf tensor (whose
+    memory its owner keeps) gets a fresh gradient instead, and is left unchanged."""
+    from seqtest.bptt import normalised_lstm
+
+    layer = make("lstm", 1, norm=norm).layers[0]
+    out = layer(torch.randn(4, 6, 3))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        out.sum().backward()
+    inputs = layer.input_term(torch.randn(4, 6, 3)).detach().requires_grad_()
+    before = inputs.detach().clone()
+    w_hh = layer.weights()[1]
+    normalised_lstm(inputs, w_hh, *layer.normalisations()).sum().backward()
+    assert torch.equal(inputs.detach(), before)
+    assert inputs.grad is not None and not torch.equal(inputs.grad, before)
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
 def test_hand_written_bptt_in_float32_is_as_accurate_as_autograd(norm):
     """In float32 the two paths round differently. Against the float64 result, the
     hand-written one's largest gradient error (relative to each gradient's largest entry)
