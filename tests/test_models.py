@@ -248,3 +248,40 @@ def test_parameter_count_matches_the_cell_equations():
 def test_bad_model_config_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("length", [3, 5, 7])
+@pytest.mark.parametrize("beta", [False, True])
+def test_recurrent_batch_norm_of_a_sequence_follows_its_definition(length, beta):
+    """`StepBatchNorm.forward_sequence` in training normalises each step's features over the
+    batch with the biased variance, and moves each step's running estimates towards the
+    unbiased one (steps beyond `max_steps` = 5 take turns on the last slot). Checked against
+    the formula written out here: sequences that fit the slots (one kernel) and one that
+    does not (the plain passes), values, gradients and running estimates."""
+    from seqtest.models import StepBatchNorm
+
+    torch.manual_seed(0)
+    norm = StepBatchNorm(4, 5, beta=beta).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        if beta:
+            norm.bias.uniform_(-1, 1)
+    x = torch.randn(6, length, 4, dtype=torch.float64, requires_grad=True)
+    out = norm.forward_sequence(x)
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    expected = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight
+    expected = expected + norm.bias if beta else expected
+    torch.testing.assert_close(out, expected)
+    weights = torch.randn_like(out)
+    params = [x, *norm.parameters()]
+    grads = torch.autograd.grad((out * weights).sum(), params)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), params)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    running_mean, running_var = torch.zeros(5, 4, dtype=torch.float64), torch.ones(5, 4).double()
+    for t in range(length):
+        slot = min(t, 4)
+        running_mean[slot] = 0.9 * running_mean[slot] + 0.1 * mean[t].detach()
+        running_var[slot] = 0.9 * running_var[slot] + 0.1 * x[:, t].detach().var(0)
+    torch.testing.assert_close(norm.running_mean, running_mean)
+    torch.testing.assert_close(norm.running_var, running_var)
