@@ -131,7 +131,10 @@ def test_step_records_on_cuda():
     assert torch.cuda.memory_allocated() > 0
 
 
-@pytest.mark.parametrize("name", sorted({r[0] for r in bench.REFERENCES.values()}))
+REFERENCE_NAMES = sorted({name for r in bench.REFERENCES.values() for name in (r[0], *r[1])})
+
+
+@pytest.mark.parametrize("name", REFERENCE_NAMES)
 def test_references_learn_the_same_shapes(name):
     """Every reference core maps [B, T, 2] to the last hidden state [B, H]."""
     core = bench.reference_core(name, 2, 8)
@@ -165,3 +168,30 @@ def test_batch_norm_fast_paths_match_the_plain_arithmetic():
             )
         for a, b in zip(fast.buffers(), plain.buffers(), strict=True):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_the_hand_written_lstm_loop_computes_what_nn_lstm_computes():
+    """The LSTM BPTT loop's last hidden state and the gradients of every parameter equal
+    `nn.LSTM`'s on the same parameters, in float64."""
+    torch.manual_seed(0)
+    loop = bench.LSTMBPTTLoop(2, 5).double()
+    x = torch.randn(3, 7, 2, dtype=torch.float64)
+    weights = torch.randn(3, 5, dtype=torch.float64)
+    out = loop(x)
+    expected = loop.core(x)[0][:, -1]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    params = list(loop.parameters())
+    grads = torch.autograd.grad((out * weights).sum(), params)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), params)
+    for a, b in zip(grads, expected_grads, strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_target_of_the_normalised_lstms_is_the_faster_plain_loop():
+    """Both plain LSTM loops are timed, and the target is measured against the faster."""
+    (record,) = bench.step_records(["ln_lstm"], [(4, 6, 8)], rounds=1, repeats=1)
+    loops = record["candidates_ms"]
+    assert set(loops) == {"LSTM loop", "LSTM BPTT loop"}
+    assert record["target_of"] == min(loops, key=loops.get)
+    assert record["target_ms"] == min(loops.values())
