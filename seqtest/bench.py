@@ -131,7 +131,8 @@ class SigmoidRNNLoop(nn.Module):
 
 
 class LSTMLoop(nn.Module):
-    """The plain LSTM as a hand-written loop (the fastest of the variants tried): gates stored
+    """The plain LSTM as a loop under autograd (the fastest of the variants tried that let
+    autograd do the backward pass; `LSTMBPTTLoop` writes its own and is faster): gates stored
     in the order i, f, o, g so that one sigmoid covers [B, 3H] and one tanh [B, H]; the input
     term of all steps in one product; one addmm per step; c by addcmul."""
 

@@ -33,12 +33,21 @@ statistics come from the weights or the inputs' covariance, so the [T, B, 4H] pr
 written once, already normalised), and the backward pass hands back dL/dz_t, which it
 stores anyway. Inside the loop only N_h and N_c run, as PyTorch's own `native_layer_norm` /
 `native_batch_norm` kernels and their backward kernels, so their arithmetic is the
-reference's. Measured on a 2-core CPU (`python -m seqtest.bench --only steps --models
-ln_lstm bn_lstm`, against the plain LSTM loop), moving N_x out of the loop took the
-layer-norm LSTM from 1.29x to 1.15x at (B, T, H) = (32, 100, 64) and the batch-norm LSTM
-from 1.59x to 1.25x, and from 1.28x to 1.09x at (64, 200, 128): it saves a normalisation
-kernel forward and backward and two matrix products per step. N_h's and N_c's parameter
-gradients are summed step by step.
+reference's. The per-step buffers are views into blocks below glibc's mmap threshold
+(`step_buffers`), and dL/dz_t is written over the input term, which nothing reads after
+the forward pass: at large sizes single [T, B, 4H] buffers (210 MB at B=128, T=400, H=256)
+were mapped afresh, and every page faulted in, at each training step.
+
+Measured on a 2-core CPU (`python -m seqtest.bench --only steps --models ln_lstm bn_lstm`,
+the training step against the autograd LSTM loop `seqtest.bench.LSTMLoop`, back-to-back
+runs of each version): moving N_x out of the loop took the layer-norm LSTM from 1.24x to
+1.14x at (B, T, H) = (32, 100, 64) and the batch-norm LSTM from 1.43x to 1.21x there and
+from 1.27x to 1.14x at (64, 200, 128), where the layer-norm LSTM stayed near 1.1x (it saves
+a normalisation kernel forward and backward and two matrix products per step); the blocks
+took them from 1.21x and 1.11x to 0.98x and 1.00x at (128, 400, 256). A plain LSTM loop
+written the same way (no normalisations, `seqtest.bench.LSTMBPTTLoop`) is faster still
+(0.63x and 0.78x of the autograd loop at the two smaller sizes); docs/performance.md
+compares with both. N_h's and N_c's parameter gradients are summed step by step.
 
 `RecurrentLayer.forward` takes these paths when training with gradients on
 (`RecurrentLayer.path`); evaluation and the gradient analysis (`forward_unrolled`) run the
