@@ -369,18 +369,31 @@ def as_roots(roots: Path | str | Sequence[Path | str]) -> list[Path]:
     return [Path(r) for r in roots]
 
 
+def folder_labels(folders: Sequence[Path]) -> list[str]:
+    """Short names that tell `folders` apart: the last part of each path, or as many trailing
+    parts as it takes for every name to differ (``a/sweep`` and ``b/sweep``, not ``sweep``
+    twice). A folder given twice keeps its whole path."""
+    parts = [folder.resolve().parts for folder in folders]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = [str(Path(*p[-depth:])) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(folder.resolve()) for folder in folders]
+
+
 def load_runs(roots: Path | Sequence[Path]) -> list[Run]:
     """Every run folder under `roots` (each itself included), in job order. With several
-    folders, each run's name starts with its folder's name, so that job 0 of one sweep and
-    job 0 of another stay apart."""
+    folders, each run's name starts with its folder's label (`folder_labels`), so that job
+    0 of one sweep and job 0 of another stay apart."""
     folders = as_roots(roots)
+    labels = folder_labels(folders)
     runs = []
-    for root in folders:
+    for root, label in zip(folders, labels, strict=True):
         for run_dir in find_run_dirs(root):
             run = load_run(run_dir, root)
             if len(folders) > 1:
                 inner = "" if run.name == "." else run.name
-                run.name = str(Path(root.name or str(root)) / inner)
+                run.name = str(Path(label) / inner)
             runs.append(run)
     return runs
 

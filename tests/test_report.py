@@ -223,6 +223,19 @@ def test_several_folders_make_one_report_with_the_seeds_of_each_configuration_to
         rp.build_report([tmp_path / "seed0", tmp_path / "seeds12"])
 
 
+def test_runs_of_folders_with_the_same_name_keep_apart(tmp_path):
+    """Two sweeps both called `sweep` (and `.` among them): each run is named after the
+    fewest trailing parts of its folder's path that differ."""
+    rng = np.random.default_rng(5)
+    synthetic_sweep(tmp_path / "a" / "sweep", ["rnn"], [10], [0], rng)
+    synthetic_sweep(tmp_path / "b" / "sweep", ["rnn"], [10], [1], rng)
+    report = rp.build_report([tmp_path / "a" / "sweep", tmp_path / "b" / "sweep"], tmp_path)
+    assert [run.name for run in report.runs] == ["a/sweep/0", "b/sweep/0"]
+    assert rp.folder_labels([Path("x"), tmp_path / "a" / "sweep"]) == ["x", "sweep"]
+    same = rp.folder_labels([tmp_path / "a", tmp_path / "a"])
+    assert same == [str((tmp_path / "a").resolve())] * 2
+
+
 def test_the_label_names_only_overrides_that_differ_and_are_not_own_columns(tmp_path):
     rng = np.random.default_rng(2)
     for job, hidden in enumerate((32, 64)):
