@@ -380,7 +380,10 @@ class RecurrentLayer(nn.Module):
         covariance = centred.t() @ centred / w_ih.shape[0]  # var_f (W x) = x' S x
         var = ((steps @ covariance) * steps).sum(-1, keepdim=True)
         scaled = steps * torch.rsqrt(var + norm_x.eps)
-        return F.linear(scaled, centred * norm_x.weight[:, None], shift)
+        # one product per step with the same weight (batched; measured 0.78x the time of one
+        # F.linear over [T*B, in], forward and backward, at B=64, T=200, H=128)
+        weight = (centred * norm_x.weight[:, None]).t().expand(x.shape[1], -1, -1)
+        return torch.baddbmm(shift, scaled, weight)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The input term of every step at once, [B, T, G*H]: W_ih x + b_ih for plain cells;
