@@ -366,13 +366,10 @@ class RecurrentLayer(nn.Module):
         and backward and two matrix products per step (docs/performance.md)."""
         w_ih, _, b_ih, b_hh = self.weights()
         norm_x = self.norm_x
-        shift = b_ih + b_hh
+        if self.config.norm == "batch":  # (forward_linear adds N_x's own shift, if any)
+            return norm_x.forward_linear(x, w_ih, b_ih + b_hh, time_major=True)
+        shift = b_ih + b_hh + norm_x.bias
         steps = x.transpose(0, 1)  # [T, B, in]
-        if self.config.norm == "batch":
-            if norm_x.bias is not None:
-                shift = shift + norm_x.bias
-            return norm_x.forward_linear(x, w_ih, shift, time_major=True)
-        shift = shift + norm_x.bias
         if x.shape[-1] > FEW_INPUTS:
             return F.layer_norm(F.linear(steps, w_ih), norm_x.normalized_shape, norm_x.weight,
                                 shift, norm_x.eps)  # fmt: skip
