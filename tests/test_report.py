@@ -224,8 +224,8 @@ def test_several_folders_make_one_report_with_the_seeds_of_each_configuration_to
 
 
 def test_runs_of_folders_with_the_same_name_keep_apart(tmp_path):
-    """Two sweeps both called `sweep` (and `.` among them): each run is named after the
-    fewest trailing parts of its folder's path that differ."""
+    """Two sweeps both called `sweep`: each run is named after the fewest trailing parts of
+    its folder's path that differ; a folder given twice keeps its whole path."""
     rng = np.random.default_rng(5)
     synthetic_sweep(tmp_path / "a" / "sweep", ["rnn"], [10], [0], rng)
     synthetic_sweep(tmp_path / "b" / "sweep", ["rnn"], [10], [1], rng)
