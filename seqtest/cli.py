@@ -20,9 +20,11 @@ from seqtest.checkpoint import CheckpointError
 from seqtest.errors import ConfigError, require_choice
 from seqtest.results import RunFolderBusy, format_table
 from seqtest.run import analyze, run
+from seqtest.shutdown import skip_final_collections
 
 log = logging.getLogger("seqtest")
 MODES = ("train", "analyze")
+skip_final_collections()  # the command and joblib's workers exit about 1 s sooner
 
 
 def share_of_cores(launcher: DictConfig | None) -> int | None:

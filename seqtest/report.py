@@ -63,6 +63,7 @@ import numpy as np
 import yaml
 
 from seqtest.results import METRICS_FILE, SUMMARY_FILE, find_run_dirs, format_table
+from seqtest.shutdown import skip_final_collections
 
 GRADIENTS_FILE = "gradients.npz"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
@@ -856,6 +857,7 @@ def write_report(
 def main(argv: Sequence[str] | None = None) -> int:
     """`seqtest-report PATH [PATH ...]`: print the report of the runs under PATH and write it
     there (several folders: into --out)."""
+    skip_final_collections()
     parser = argparse.ArgumentParser(
         prog="seqtest-report",
         description="Summarise the runs under PATH (a multirun folder, a run folder or any "

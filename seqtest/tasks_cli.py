@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from seqtest.errors import ConfigError
+from seqtest.shutdown import skip_final_collections
 from seqtest.tasks._base import Task, registered_tasks
 
 
@@ -74,6 +75,7 @@ def describe(name: str, cls: type[Task], verbose: bool = False) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    skip_final_collections()
     parser = argparse.ArgumentParser(
         prog="seqtest-tasks",
         description="List the registered tasks with their parameters and baselines.",
