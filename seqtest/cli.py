@@ -16,10 +16,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from seqtest.checkpoint import CheckpointError
 from seqtest.errors import ConfigError, require_choice
 from seqtest.results import RunFolderBusy, format_table
-from seqtest.run import analyze, run
 from seqtest.shutdown import skip_final_collections
 
 log = logging.getLogger("seqtest")
@@ -59,6 +57,12 @@ def _stop(message: str) -> NoReturn:
 @hydra.main(version_base="1.3", config_path="pkg://seqtest.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one configuration; return the final validation loss for sweepers to minimise."""
+    # torch is imported here, by the process that runs the job: a process that only launches
+    # jobs (joblib's, submitit's) then starts and composes the sweep without it, about 2 s
+    # sooner, while the workers import it anyway
+    from seqtest.checkpoint import CheckpointError
+    from seqtest.run import analyze, run
+
     hydra_cfg = HydraConfig.get()
     if cfg.threads is None:
         cfg.threads = share_of_cores(hydra_cfg.get("launcher"))

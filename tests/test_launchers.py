@@ -141,6 +141,37 @@ def test_a_joblib_sweep_runs_jobs_side_by_side_and_leaves_its_report(tmp_path):
     assert_two_job_sweep_reported(sweep, done)
 
 
+def test_the_process_that_launches_a_joblib_sweep_never_imports_torch(tmp_path):
+    """Only the jobs need torch: the launching process composes the sweep, waits and writes
+    the report without it (about 2 s less before the first job starts). A callback of the
+    sweep, run in that process after the jobs, records what it imported."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    (tmp_path / "import_check.py").write_text(
+        textwrap.dedent(
+            """
+            import json, os, sys
+            from hydra.experimental.callback import Callback
+
+            class ImportCheck(Callback):
+                def on_multirun_end(self, config, **kwargs):
+                    seen = {"pid": os.getpid(), "torch": "torch" in sys.modules}
+                    with open("launcher_imports.json", "w") as out:
+                        json.dump(seen, out)
+            """
+        )
+    )
+    sweep = tmp_path / "sweep"
+    done = seqtest(
+        "-m", "model=rnn,gru", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        "+hydra.callbacks.import_check._target_=import_check.ImportCheck",
+        f"hydra.sweep.dir={sweep}", *QUICK, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads((tmp_path / "launcher_imports.json").read_text())
+    assert seen["torch"] is False
+    assert read_summary(sweep / "0")["status"] and read_summary(sweep / "1")["status"]
+
+
 @pytest.mark.slow
 def test_a_sweep_through_the_slurm_code_path_on_this_machine(tmp_path):
     submitit_plugin()
