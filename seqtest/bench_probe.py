@@ -77,6 +77,10 @@ def run_cost(cell: str, length: int, steps: int, hidden: int, every: int = 500) 
             cfg = compose("config", overrides=[*overrides, f"analysis.enabled={enabled}"])
             with tempfile.TemporaryDirectory() as folder:
                 summary = run(cfg, folder)
+                if summary["status"] == "interrupted":
+                    # the run caught Ctrl-C or SIGTERM to stop cleanly; they were meant for
+                    # the benchmark, which must not go on and time the next run
+                    raise KeyboardInterrupt(f"stopped by {summary['interrupted_by']}")
                 probes = sum(r.get("probe_seconds") or 0.0 for r in read_metrics(folder))
             times[enabled] = (summary["wall_time_s"], probes)
     (with_probes, probe_time), (without, _) = times[True], times[False]

@@ -195,3 +195,21 @@ def test_the_target_of_the_normalised_lstms_is_the_faster_plain_loop():
     assert set(loops) == {"LSTM loop", "LSTM BPTT loop"}
     assert record["target_of"] == min(loops, key=loops.get)
     assert record["target_ms"] == min(loops.values())
+
+
+def test_a_stop_signal_caught_by_a_timed_run_stops_the_probe_benchmark(monkeypatch):
+    """A run catches Ctrl-C and SIGTERM to stop cleanly; inside the benchmark the signal
+    was meant for the benchmark, which must stop instead of timing the next run."""
+    import seqtest.run
+    from seqtest.bench_probe import run_cost
+
+    calls = []
+
+    def interrupted_run(cfg, folder):
+        calls.append(cfg.analysis.enabled)
+        return {"status": "interrupted", "interrupted_by": "SIGINT", "wall_time_s": 1.0}
+
+    monkeypatch.setattr(seqtest.run, "run", interrupted_run)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        run_cost("rnn", length=5, steps=10, hidden=4, every=10)
+    assert calls == [True]  # the run without probes was never started
