@@ -16,7 +16,16 @@ so they reach this process only; a user who sets any ``MALLOC_*`` variable, or
 (macOS, musl) are left alone.
 
 Blocks above 32 MiB (a large model's [T, B, 4H] buffers) are still mapped and unmapped every
-step. ``SEQTEST_MALLOC=no_mmap`` also sets ``M_MMAP_MAX`` to 0, so that every block comes
+step. seqtest asks PyTorch to back them with transparent huge pages
+(``THP_MEM_ALLOC_ENABLE=1``, `use_huge_pages`; where the kernel offers them on request,
+``/sys/kernel/mm/transparent_hugepage/enabled`` = madvise or always): a fresh mapping then
+faults in 2 MiB at a time instead of 4 KiB, and measured, the largest benchmark step got
+1.2x faster (LSTM and GRU at B=128, T=400, H=256: page faults per step 171,000 -> 1,200 and
+90,000 -> 1,700) for 4-9% more peak memory; at the smaller sizes, where the heap already
+reuses every block, the time did not change and the peak grew by 1-24% (2 MiB alignment).
+PyTorch reads the variable at its first CPU allocation, so the commands set it when they
+start; ``SEQTEST_MALLOC=default`` or a ``THP_MEM_ALLOC_ENABLE`` of the user's own leaves it
+alone. ``SEQTEST_MALLOC=no_mmap`` also sets ``M_MMAP_MAX`` to 0, so that every block comes
 from the heap and is reused. It is opt-in: it was the fastest setting in every case measured,
 but at the largest benchmark size its peak memory grew over the first 100 steps of one run
 and up to step 300 of another (to 1.25-1.28x the tuned peak) while the tuned peak stayed
@@ -74,6 +83,16 @@ def keep_freed_memory() -> str:
         result = _mallopt_all(SETTINGS, "tuned")
     _state["applied"] = result
     return result
+
+
+def use_huge_pages() -> bool:
+    """Ask PyTorch for transparent huge pages on its large CPU buffers (see the module
+    docstring), unless SEQTEST_MALLOC=default or the user set THP_MEM_ALLOC_ENABLE. Takes
+    effect only before the process's first CPU tensor is allocated (PyTorch reads the
+    variable once); child processes inherit it. Returns whether it is on."""
+    if os.environ.get("SEQTEST_MALLOC", "").lower() != "default":
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
 
 
 def _mallopt_all(settings: dict[int, int], name: str) -> str:

@@ -64,6 +64,10 @@ from seqtest.run import configure_torch
 from seqtest.tasks.adding import AddingTask
 from seqtest.train import TrainConfig, train_step
 
+# as `seqtest` does at its start, before any tensor exists (PyTorch reads it once); the
+# reference runs in the same process and gets the same pages
+allocator.use_huge_pages()
+
 #: Benchmarked models: name -> `ModelConfig` fields besides the hidden size.
 MODELS: dict[str, dict] = {
     "rnn": dict(cell="rnn"),
@@ -716,18 +720,23 @@ def _allocator_child(model: str, B: int, T: int, H: int, steps: int) -> None:
         "faults_per_step": (usage.ru_minflt - faults) / steps,
         "max_rss_mb": _peak_rss_mb(),
         "state": allocator.keep_freed_memory(),
+        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
     }))  # fmt: skip
 
 
 def allocator_records(cases: Iterable[tuple], rounds: int, steps: int, log=None) -> list[dict]:
-    """Each (model, B, T, H) in fresh processes with glibc's default allocator settings, with
-    seqtest's (`seqtest.allocator`) and with the opt-in ``no_mmap``, interleaved."""
+    """Each (model, B, T, H) in fresh processes with glibc's and PyTorch's default allocator
+    settings, with seqtest's (`seqtest.allocator`: glibc's thresholds and huge pages) and with
+    the opt-in ``no_mmap``, interleaved."""
     records = []
     for model, B, T, H in cases:
         results: dict[str, list[dict]] = {"default": [], "tuned": [], "no_mmap": []}
         for _ in range(rounds):
             for setting in results:
+                # each child starts from glibc's and PyTorch's defaults; seqtest's settings
+                # are then applied or not by the child itself, as SEQTEST_MALLOC says
                 env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+                env.pop("THP_MEM_ALLOC_ENABLE", None)
                 env["SEQTEST_MALLOC"] = setting
                 code = (
                     "from seqtest.bench import _allocator_child; "
@@ -762,6 +771,7 @@ def allocator_records(cases: Iterable[tuple], rounds: int, steps: int, log=None)
             "no_mmap_faults_per_step": no_mmap["faults_per_step"],
             "max_rss_mb": {setting: m["max_rss_mb"] for setting, m in medians.items()},
             "states": {setting: runs[0]["state"] for setting, runs in results.items()},
+            "huge_pages": {setting: runs[0]["huge_pages"] for setting, runs in results.items()},
             "settings": dict(allocator.ENVIRONMENT),
             "rounds": rounds,
         }
@@ -795,6 +805,7 @@ def machine(device: str = "cpu") -> dict:
         "load_average": os.getloadavg(),
         "threads": torch.get_num_threads(),
         "allocator": allocator.keep_freed_memory(),
+        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
         "device": device,
         "gpu": gpu,
     }

@@ -16,6 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from seqtest.allocator import use_huge_pages
 from seqtest.errors import ConfigError, require_choice
 from seqtest.results import RunFolderBusy, format_table
 from seqtest.shutdown import skip_final_collections
@@ -23,6 +24,7 @@ from seqtest.shutdown import skip_final_collections
 log = logging.getLogger("seqtest")
 MODES = ("train", "analyze")
 skip_final_collections()  # the command and joblib's workers exit about 1 s sooner
+use_huge_pages()  # before any tensor exists: PyTorch reads it at its first allocation
 
 
 def share_of_cores(launcher: DictConfig | None) -> int | None:

@@ -26,7 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from seqtest.allocator import keep_freed_memory
+from seqtest.allocator import keep_freed_memory, use_huge_pages
 from seqtest.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_weights, save_atomic
 from seqtest.errors import ConfigError, require, require_choice
 from seqtest.gradients import GRADIENTS_FILE, AnalysisConfig, GradientTracker
@@ -81,6 +81,8 @@ def configure_torch(threads: int | None) -> None:
     # Large buffers freed at the end of a step stay in the heap for the next one instead of
     # being unmapped and faulted in again (seqtest.allocator; SEQTEST_MALLOC=default opts out).
     keep_freed_memory()
+    # (effective only if no tensor exists yet; the commands set it when they start)
+    use_huge_pages()
     # Vanishing gradients are tiny numbers; subnormal floats make CPU steps many times slower.
     # Flushing them to zero hides nothing the analysis reports: it flags every step whose
     # gradient norm is below the smallest normal float as underflow, flushed or not.

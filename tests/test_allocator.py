@@ -37,6 +37,7 @@ print(json.dumps({"state": state, "faults": faults}))
 
 def run_child(code: str = CHILD, **env_overrides: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "SEQTEST_"))}
+    env.pop("THP_MEM_ALLOC_ENABLE", None)  # set in this process by importing seqtest.cli
     env |= env_overrides
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
@@ -103,3 +104,41 @@ def test_state_is_decided_once_per_process():
     first = allocator.keep_freed_memory()
     assert first in ("tuned", "no_mmap", "environment", "default", "unavailable")
     assert allocator.keep_freed_memory() == first
+
+
+HUGE_PAGES = """
+import json, os, resource
+import seqtest.cli  # what the `seqtest` command imports first
+import torch
+faults = []
+for _ in range(6):  # a 64 MiB buffer, mapped afresh each time (above the mmap threshold)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 << 20).fill_(1.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"variable": os.environ.get("THP_MEM_ALLOC_ENABLE"), "faults": faults}))
+"""
+
+
+def _huge_pages_on_request() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
+            return "[never]" not in setting.read()
+    except OSError:
+        return False
+
+
+def test_the_command_asks_for_huge_pages_unless_told_not_to():
+    assert run_child(code=HUGE_PAGES)["variable"] == "1"
+    assert run_child(code=HUGE_PAGES, SEQTEST_MALLOC="default")["variable"] is None
+    assert run_child(code=HUGE_PAGES, THP_MEM_ALLOC_ENABLE="0")["variable"] == "0"
+
+
+@glibc_only
+@pytest.mark.skipif(not _huge_pages_on_request(), reason="no transparent huge pages here")
+def test_huge_pages_fault_a_fresh_large_buffer_in_2_mib_at_a_time():
+    """A fresh 64 MiB mapping faults in 16,384 pages of 4 KiB; in huge pages, 32 of 2 MiB
+    (about 550 faults measured, with the small pages around them)."""
+    huge = run_child(code=HUGE_PAGES)
+    small = run_child(code=HUGE_PAGES, SEQTEST_MALLOC="default")
+    assert min(small["faults"][-3:]) > 10_000
+    assert max(huge["faults"][-3:]) < 2_000

@@ -59,6 +59,7 @@ def test_allocator_records_run_each_setting_in_its_own_process():
     if platform.libc_ver()[0] != "glibc":
         expected = {"default": "default", "tuned": "unavailable", "no_mmap": "unavailable"}
     assert record["states"] == expected
+    assert record["huge_pages"] == {"default": False, "tuned": True, "no_mmap": True}
     assert record["speedup"] == pytest.approx(record["default_ms"] / record["tuned_ms"])
     assert record["no_mmap_speedup"] == pytest.approx(record["default_ms"] / record["no_mmap_ms"])
     assert set(record["max_rss_mb"]) == set(expected)
