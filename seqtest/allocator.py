@@ -20,8 +20,8 @@ step. seqtest asks PyTorch to back them with transparent huge pages
 (``THP_MEM_ALLOC_ENABLE=1``, `use_huge_pages`; where the kernel offers them on request,
 ``/sys/kernel/mm/transparent_hugepage/enabled`` = madvise or always): a fresh mapping then
 faults in 2 MiB at a time instead of 4 KiB, and measured, the largest benchmark step got
-1.2x faster (LSTM and GRU at B=128, T=400, H=256: page faults per step 171,000 -> 1,200 and
-90,000 -> 1,700) for 4-9% more peak memory; at the smaller sizes, where the heap already
+1.2x faster (LSTM and GRU at B=128, T=400, H=256: page faults per step 171,000 -> 1,200-2,000
+and 90,000 -> 1,700) for 4-9% more peak memory; at the smaller sizes, where the heap already
 reuses every block, the time did not change and the peak grew by 1-24% (2 MiB alignment).
 PyTorch reads the variable at its first CPU allocation, so the commands set it when they
 start; ``SEQTEST_MALLOC=default`` or a ``THP_MEM_ALLOC_ENABLE`` of the user's own leaves it
