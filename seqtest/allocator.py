@@ -92,6 +92,12 @@ def use_huge_pages() -> bool:
     variable once); child processes inherit it. Returns whether it is on."""
     if os.environ.get("SEQTEST_MALLOC", "").lower() != "default":
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    return huge_pages_on()
+
+
+def huge_pages_on() -> bool:
+    """Whether this process asks PyTorch for huge pages (what `use_huge_pages` set, or the
+    user's own THP_MEM_ALLOC_ENABLE), without changing anything."""
     return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
 
 

@@ -720,7 +720,7 @@ def _allocator_child(model: str, B: int, T: int, H: int, steps: int) -> None:
         "faults_per_step": (usage.ru_minflt - faults) / steps,
         "max_rss_mb": _peak_rss_mb(),
         "state": allocator.keep_freed_memory(),
-        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+        "huge_pages": allocator.huge_pages_on(),
     }))  # fmt: skip
 
 
@@ -805,7 +805,7 @@ def machine(device: str = "cpu") -> dict:
         "load_average": os.getloadavg(),
         "threads": torch.get_num_threads(),
         "allocator": allocator.keep_freed_memory(),
-        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+        "huge_pages": allocator.huge_pages_on(),
         "device": device,
         "gpu": gpu,
     }
