@@ -18,8 +18,9 @@ Four measurements, each a list of records (``kind`` tells them apart):
   PyTorch's normalisation kernels alone (`normalisation_kernels_step`):
   ``loop_plus_norms_ratio`` = (loop + those kernels) / loop, what the loop would cost with
   the normalisations added and nothing else. A step-by-step implementation built on those
-  kernels can beat it only by doing the rest of the step faster than the autograd loop
-  (as the hand-written BPTT does). Timed interleaved, seqtest / reference / seqtest / ..., on
+  kernels can beat it only by doing the rest of the step faster than that Python loop (as
+  seqtest's compiled loops do, `seqtest.native`; ``loops`` says whether they ran: "compiled",
+  "off" or why the build failed). Timed interleaved, seqtest / reference / seqtest / ..., on
   ``--threads`` torch threads; the medians of the rounds.
 * ``probe``: the gradient probes' share of a run's wall time at the default cadence
   (`seqtest.bench_probe.run_cost`).
@@ -58,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqtest import allocator
+from seqtest import allocator, native
 from seqtest.models import ModelConfig, build_model
 from seqtest.run import configure_torch
 from seqtest.tasks.adding import AddingTask
@@ -434,7 +435,11 @@ def step_records(
             if "norm_kernels" in medians:
                 norms_ms = record["norm_kernels_ms"] = 1000 * medians["norm_kernels"]
                 record["loop_plus_norms_ratio"] = (target_ms + norms_ms) / target_ms
-                with_norms = f"; loop + norm kernels {record['loop_plus_norms_ratio']:.3f}"
+                record["loops"] = native.status()  # "compiled", or why the Python loops ran
+                with_norms = (
+                    f"; loop + norm kernels {record['loop_plus_norms_ratio']:.3f}"
+                    f" ({record['loops']} loops)"
+                )
             records.append(record)
             if log:
                 log(

@@ -62,6 +62,8 @@ from dataclasses import dataclass
 
 import torch
 
+from seqtest import native
+
 aten = torch.ops.aten
 
 
@@ -112,6 +114,12 @@ class Normalisation:
             used = slice(0, min(length, self.last + 1))
             self.means = self.running_mean[used].unbind(0)
             self.vars = self.running_var[used].unbind(0)
+
+    def as_tuple(self) -> tuple:
+        """What the compiled loops take (`seqtest.native`), after `prepare`."""
+        batch = self.kind == "batch"
+        running = (self.means, self.vars) if batch else ((), ())
+        return (not batch, self.weight, self.bias, self.eps, self.momentum, *running)
 
     def forward(self, x: torch.Tensor, t: int):
         """(normalised x, mean, inverse std) of one step."""
@@ -168,34 +176,54 @@ class NormalisedLSTM(torch.autograd.Function):
         step_h = step_buffers(inputs, T + 1, B, H)  # h_{t-1} at t (h_0 = 0)
         step_c[0].zero_()
         step_h[0].zero_()
+        norm_h.prepare(T)
+        norm_c.prepare(T)
+        steps = step_a, step_act, step_c, step_k, step_h
+        compiled = native.loops()
+        if compiled is not None:
+            norms = norm_h.as_tuple(), norm_c.as_tuple()
+            stats = compiled.forward_steps(inputs.unbind(0), w_hh_t, *steps, *norms)
+        else:
+            stats = NormalisedLSTM._forward_steps(inputs, w_hh_t, steps, norm_h, norm_c)
+        ctx.compiled = compiled
+        ctx.norms = norm_h, norm_c
+        ctx.stats = stats
+        ctx.steps = steps
+        ctx.overwrite_inputs = not inputs.is_leaf
+        ctx.save_for_backward(inputs, w_hh)
+        return torch.stack(step_h[1:], dim=1)
+
+    @staticmethod
+    def _forward_steps(inputs, w_hh_t, steps, norm_h, norm_c) -> list[list[torch.Tensor]]:
+        """The forward loop over the step buffers; returns the statistics of N_h and N_c at
+        every step, as [mean_h], [rstd_h], [mean_c], [rstd_c] (`seqtest.native` compiles the
+        same loop, line by line, from normalised_lstm.cpp)."""
+        step_a, step_act, step_c, step_k, step_h = steps
+        T, B, G = inputs.shape
+        H = G // 4
         blocks = (act.chunk(4, dim=1) for act in step_act)
         step_i, step_f, step_g, step_o = zip(*blocks, strict=True)
         step_in = inputs.unbind(0)
         z = inputs.new_empty(B, G)  # z_t = z^x_t + N_h(a_t)
         z_g = z[:, 2 * H : 3 * H]
-        norm_h.prepare(T)
-        norm_c.prepare(T)
-        stats = [], []  # (mean, rstd) of N_h, N_c at every step
+        stats = [], [], [], []
         for t in range(T):
             a = torch.mm(step_h[t], w_hh_t, out=step_a[t])
-            n, *stat = norm_h.forward(a, t)
-            stats[0].append(stat)
+            n, mean, rstd = norm_h.forward(a, t)
+            stats[0].append(mean)
+            stats[1].append(rstd)
             torch.add(step_in[t], n, out=z)
             g = step_g[t]
             torch.sigmoid(z, out=step_act[t])
             torch.tanh(z_g, out=g)
             c = torch.mul(step_f[t], step_c[t], out=step_c[t + 1])
             c.addcmul_(step_i[t], g)
-            m, *stat = norm_c.forward(c, t)
-            stats[1].append(stat)
+            m, mean, rstd = norm_c.forward(c, t)
+            stats[2].append(mean)
+            stats[3].append(rstd)
             k = torch.tanh(m, out=step_k[t])
             torch.mul(step_o[t], k, out=step_h[t + 1])
-        ctx.norms = norm_h, norm_c
-        ctx.stats = stats
-        ctx.steps = step_a, step_act, step_c, step_k, step_h, (step_i, step_f, step_g, step_o)
-        ctx.overwrite_inputs = not inputs.is_leaf
-        ctx.save_for_backward(inputs, w_hh)
-        return torch.stack(step_h[1:], dim=1)
+        return stats
 
     @staticmethod
     def backward(ctx, grad_hidden):
@@ -208,26 +236,42 @@ class NormalisedLSTM(torch.autograd.Function):
         ctx.spent = True
         inputs, w_hh = ctx.saved_tensors
         norm_h, norm_c = ctx.norms
-        stats_h, stats_c = ctx.stats
-        step_a, step_act, step_c, step_k, step_h, (step_i, step_f, step_g, step_o) = ctx.steps
-        T, B, G = inputs.shape
-        H = G // 4
         # dL/dz_t (z_t = z^x_t + N_h(a_t)) is the input term's gradient; it is written over
         # the input term, which nothing reads after the forward pass
         d_inputs = inputs if ctx.overwrite_inputs else torch.empty_like(inputs)
-        step_dz = d_inputs.unbind(0)
-        step_grad = grad_hidden.unbind(1)
-        d_act = inputs.new_empty(B, G)  # dL/d(i, f, g, o) of the current step
+        step_grad, step_dz = grad_hidden.unbind(1), d_inputs.unbind(0)
+        if ctx.compiled is not None:
+            norms = norm_h.as_tuple(), norm_c.as_tuple()
+            grads = ctx.compiled.backward_steps(
+                step_grad, step_dz, w_hh, *ctx.steps, ctx.stats, *norms
+            )
+        else:
+            grads = NormalisedLSTM._backward_steps(
+                step_grad, step_dz, w_hh, ctx.steps, ctx.stats, norm_h, norm_c
+            )
+        return (d_inputs, grads[0], None, None, *grads[1:])
+
+    @staticmethod
+    def _backward_steps(step_grad, step_dz, w_hh, steps, stats, norm_h, norm_c) -> list:
+        """The backward loop: writes dL/dz_t into `step_dz`; returns dL/dW_hh and the summed
+        d weight and d bias of N_h, then of N_c (None for a missing bias)."""
+        step_a, step_act, step_c, step_k, step_h = steps
+        mean_h, rstd_h, mean_c, rstd_c = stats
+        T = len(step_dz)
+        B, G = step_dz[0].shape
+        H = G // 4
+        step_i, step_f, step_g, step_o = zip(*(a.chunk(4, dim=1) for a in step_act), strict=True)
+        d_act = step_dz[0].new_empty(B, G)  # dL/d(i, f, g, o) of the current step
         d_i, d_f, d_g, d_o = d_act.chunk(4, dim=1)
         d_w_hh = torch.zeros_like(w_hh)
-        grads = [], []  # (d weight, d bias) of N_h, N_c, summed over the steps
+        grads_h, grads_c = [], []  # (d weight, d bias) of N_h, N_c, summed over the steps
         dh = step_grad[T - 1].clone()
         dc = torch.zeros_like(step_c[0])
         for t in range(T - 1, -1, -1):
             k, g, dz = step_k[t], step_g[t], step_dz[t]
             torch.mul(dh, k, out=d_o)
             d_m = aten.tanh_backward(dh * step_o[t], k)  # dL/dN_c(c_t)
-            dc += norm_c.backward(d_m, step_c[t + 1], *stats_c[t], grads[1])
+            dc += norm_c.backward(d_m, step_c[t + 1], mean_c[t], rstd_c[t], grads_c)
             torch.mul(dc, g, out=d_i)
             torch.mul(dc, step_c[t], out=d_f)
             torch.mul(dc, step_i[t], out=d_g)
@@ -235,11 +279,11 @@ class NormalisedLSTM(torch.autograd.Function):
             # sigmoid' for every block, then tanh' over the g block
             aten.sigmoid_backward.grad_input(d_act, step_act[t], grad_input=dz)
             aten.tanh_backward.grad_input(d_g, g, grad_input=dz[:, 2 * H : 3 * H])
-            da = norm_h.backward(dz, step_a[t], *stats_h[t], grads[0])
+            da = norm_h.backward(dz, step_a[t], mean_h[t], rstd_h[t], grads_h)
             if t > 0:  # h_0 = 0: step 0 adds nothing to W_hh's gradient and has no h before
                 d_w_hh.addmm_(da.t(), step_h[t])
                 dh = torch.addmm(step_grad[t - 1], da, w_hh)
-        return (d_inputs, d_w_hh, None, None, *grads[0], *grads[1])
+        return [d_w_hh, *grads_h, *grads_c]
 
 
 def _derivative(activation: str, slope: float):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from seqtest import native
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +30,7 @@ def test_wheel_installs_and_runs_from_a_fresh_venv(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "seqtest/conf/config.yaml" in names and "seqtest/conf/task/adding.yaml" in names
     assert "seqtest/tasks/adding.py" in names
+    assert "seqtest/normalised_lstm.cpp" in names  # the compiled loops' source (seqtest.native)
     assert not [n for n in names if n.startswith(("conf/", "tasks/"))]
 
     venv = tmp_path / "venv"
@@ -43,3 +47,8 @@ def test_wheel_installs_and_runs_from_a_fresh_venv(tmp_path):
         run_dir = tmp_path / f"run{i}"
         sh(*command, *quick, f"hydra.run.dir={run_dir}", cwd=tmp_path)
         assert (run_dir / "summary.json").exists()
+    if native.toolchain_missing() is None:  # the installed source of the compiled loops builds
+        code = "from seqtest import native; native.loops(); print(native.status())"
+        env = {**os.environ, "SEQTEST_NATIVE": "require"}
+        status = sh(python, "-c", code, cwd=tmp_path, env=env).stdout.strip()
+        assert status == "compiled"

@@ -1,0 +1,141 @@
+"""The normalised LSTMs' step loops compiled from C++, built on first use, with the Python
+loops as the fallback.
+
+Why: a layer- or batch-norm LSTM has no fused kernel, so `seqtest.bptt.NormalisedLSTM` runs
+its time steps as a loop of about 24 small kernels per step. At the sizes a testbed trains,
+issuing them from Python costs more than their arithmetic: measured on a 2-core CPU at
+(B, T, H) = (32, 100, 64), the Python loops put the layer-norm LSTM's training step at 1.55x
+the best plain LSTM loop, and the C++ loops at 0.91x (docs/performance.md).
+
+What: `normalised_lstm.cpp` calls the same ATen kernels in the same order on the same
+buffers as the Python loops, so the results are bit-identical (tests/test_native.py); only
+the cost of issuing the calls changes. It is compiled with `torch.utils.cpp_extension` the
+first time a normalised LSTM trains (about 20 s on 2 cores, once per machine, source and
+torch version; cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``,
+see `build_directory`). That needs a C++ compiler and ninja. Processes that build at the same
+time wait for each other.
+
+``SEQTEST_NATIVE`` chooses:
+
+* ``auto`` (unset): build and use them; where that fails, warn once with the reason and use
+  the Python loops (the same results, slower);
+* ``off``: the Python loops;
+* ``require``: build and use them, and stop with the build's error where that fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from seqtest.errors import require_choice
+
+#: What SEQTEST_NATIVE may say (unset: "auto").
+CHOICES = ("auto", "off", "require")
+SOURCE = Path(__file__).with_name("normalised_lstm.cpp")
+log = logging.getLogger(__name__)
+
+_built: dict[str, ModuleType | str] = {}  # "module" or "error" once a build was tried
+
+
+def choice() -> str:
+    """SEQTEST_NATIVE, checked against `CHOICES`."""
+    value = os.environ.get("SEQTEST_NATIVE", "").lower() or "auto"
+    require_choice("SEQTEST_NATIVE", value, CHOICES)
+    return value
+
+
+def toolchain_missing() -> str | None:
+    """What the build needs and this machine lacks (a C++ compiler, ninja), or None."""
+    compiler = os.environ.get("CXX", "c++")
+    missing = [name for name in (compiler, "ninja") if shutil.which(name) is None]
+    return f"no {' and no '.join(missing)} on PATH" if missing else None
+
+
+def loops() -> ModuleType | None:
+    """The compiled loops (`forward_steps`, `backward_steps`), or None where the Python loops
+    run: SEQTEST_NATIVE=off, or a failed build under "auto" (warned about once)."""
+    wanted = choice()
+    if wanted == "off":
+        return None
+    if not _built:
+        _built.update(_build())
+    if "module" in _built:
+        return _built["module"]
+    if wanted == "require":
+        raise RuntimeError(f"SEQTEST_NATIVE=require: {_built['error']}")
+    return None
+
+
+def status() -> str:
+    """For records: "compiled", "off", "not built" (nothing needed it yet) or "failed: why"."""
+    if choice() == "off":
+        return "off"
+    if not _built:
+        return "not built"
+    return "compiled" if "module" in _built else f"failed: {_built['error']}"
+
+
+def _build() -> dict[str, ModuleType | str]:
+    missing = toolchain_missing()
+    if missing is None:
+        try:
+            return {"module": _compile()}
+        except Exception as error:  # a compiler's failure comes in several types
+            reason = f"building {SOURCE.name} failed: {_first_errors(str(error))}"
+    else:
+        reason = f"cannot build {SOURCE.name}: {missing}"
+    if choice() == "auto":
+        warnings.warn(
+            f"seqtest: the normalised LSTMs train on their Python loops (same results, slower: "
+            f"docs/performance.md); {reason}. SEQTEST_NATIVE=off silences this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return {"error": reason}
+
+
+def _first_errors(message: str, count: int = 3) -> str:
+    """The first `count` lines of a build log that say "error", or its last 500 characters."""
+    errors = [line.strip() for line in message.splitlines() if "error" in line.lower()]
+    return " | ".join(errors[:count]) if errors else message.strip()[-500:]
+
+
+def build_directory() -> Path:
+    """Where the loops are built: one folder per source text, torch and Python version, under
+    ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). The source is compiled
+    from a copy in that folder, so that installs of the same version (a checkout, a wheel)
+    share one build instead of rebuilding whenever the other one ran."""
+    from torch.utils import cpp_extension  # 0.2 s to import: only when a build is wanted
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    versions = f"{torch.__version__} {sys.version}".encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + versions).hexdigest()[:16]
+    return Path(root) / f"seqtest_normalised_lstm_{key}"
+
+
+def _compile() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    folder = build_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / SOURCE.name
+    if not source.exists():  # written whole, so that a concurrent build never reads half
+        partial = folder / f".{SOURCE.name}.{os.getpid()}"
+        partial.write_bytes(SOURCE.read_bytes())
+        os.replace(partial, source)
+    log.info("loading the compiled normalised-LSTM loops (the first build takes ~20 s)")
+    return cpp_extension.load(
+        name="seqtest_normalised_lstm",
+        sources=[str(source)],
+        extra_cflags=["-O2"],
+        build_directory=str(folder),
+    )

@@ -1,0 +1,133 @@
+"""The compiled normalised-LSTM loops (`seqtest.native`): bit-identical to the Python loops
+they replace, and a clear fallback or error where they cannot be built."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from seqtest import native
+from seqtest.errors import ConfigError
+from seqtest.models import build_model
+
+needs_toolchain = pytest.mark.skipif(
+    native.toolchain_missing() is not None,
+    reason=f"no toolchain to build the compiled loops: {native.toolchain_missing()}",
+)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch):
+    """A process-wide state in which no build was tried yet (restored afterwards)."""
+    monkeypatch.setattr(native, "_built", {})
+
+
+def train_once(model, x, weights, loops: str, monkeypatch):
+    """Output, input and parameter gradients, and buffers after one training pass of a copy
+    of `model` with SEQTEST_NATIVE=`loops`."""
+    monkeypatch.setenv("SEQTEST_NATIVE", loops)
+    model = copy.deepcopy(model)
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    grads = torch.autograd.grad((out * weights).sum(), [x, *model.parameters()])
+    return [out, *grads, *model.buffers()]
+
+
+CASES = [("layer", 2, 6, 10), ("batch", 1, 6, 4), ("batch", 2, 9, 30)]
+
+
+@needs_toolchain
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm,layers,hidden,bn_max_steps", CASES)
+def test_compiled_loops_are_bit_identical_to_the_python_loops(
+    norm, layers, hidden, bn_max_steps, dtype, monkeypatch
+):
+    """The same kernels in the same order: outputs, every gradient (input, W_hh, the
+    normalisations' weights and biases, and through them W_ih) and the batch-norm running
+    estimates are equal to the last bit. Batch norm keeps statistics for 4 of 12 steps in one
+    case (the last slot shared) and for all of them in the other."""
+    torch.manual_seed(0)
+    model = build_model(
+        dict(cell="lstm", hidden_size=hidden, num_layers=layers, norm=norm,
+             bn_max_steps=bn_max_steps), 3, 2,
+    ).to(dtype)  # fmt: skip
+    model.train()
+    x = torch.randn(5, 12, 3, dtype=dtype)
+    weights = torch.randn(5, 12, 2, dtype=dtype)
+    assert all(layer.path(x) == "bptt" for layer in model.layers)
+    python = train_once(model, x, weights, "off", monkeypatch)
+    compiled = train_once(model, x, weights, "require", monkeypatch)
+    assert native.status() == "compiled"
+    for a, b in zip(python, compiled, strict=True):
+        assert torch.equal(a, b)
+    assert all(g.abs().max() > 0 for g in compiled[1 : 2 + len(list(model.parameters()))])
+
+
+@needs_toolchain
+def test_the_compiled_loops_are_what_training_uses_by_default(monkeypatch):
+    """Unset SEQTEST_NATIVE means "auto": a normalised LSTM's training pass calls the
+    compiled loops; "off" never calls them."""
+    calls = []
+    compiled = native.loops()
+    assert compiled is not None
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(compiled, name)
+
+    monkeypatch.setitem(native._built, "module", Spy())
+    model = build_model(dict(cell="lstm", hidden_size=4, norm="layer"), 3, 2)
+    monkeypatch.delenv("SEQTEST_NATIVE", raising=False)
+    model(torch.randn(2, 5, 3)).sum().backward()
+    assert calls == ["forward_steps", "backward_steps"]
+    monkeypatch.setenv("SEQTEST_NATIVE", "off")
+    model(torch.randn(2, 5, 3)).sum().backward()
+    assert calls == ["forward_steps", "backward_steps"]
+
+
+def test_a_failed_build_warns_once_and_trains_on_the_python_loops(fresh_build, monkeypatch):
+    def broken():
+        raise RuntimeError("Error building extension\nfoo.cpp:1: error: no such thing\n")
+
+    monkeypatch.setattr(native, "_compile", broken)
+    monkeypatch.delenv("SEQTEST_NATIVE", raising=False)
+    model = build_model(dict(cell="lstm", hidden_size=4, norm="batch"), 3, 2)
+    with pytest.warns(RuntimeWarning, match="Python loops.*error: no such thing"):
+        model(torch.randn(2, 5, 3)).sum().backward()
+    assert native.status().startswith("failed: building normalised_lstm.cpp failed")
+    with warnings.catch_warnings():  # warned once, not at every step
+        warnings.simplefilter("error")
+        model(torch.randn(2, 5, 3)).sum().backward()
+    monkeypatch.setenv("SEQTEST_NATIVE", "require")
+    with pytest.raises(RuntimeError, match="SEQTEST_NATIVE=require: building"):
+        model(torch.randn(2, 5, 3))
+
+
+def test_a_missing_toolchain_is_named(fresh_build, monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setenv("SEQTEST_NATIVE", "require")
+    assert "ninja" in native.toolchain_missing()
+    with pytest.raises(RuntimeError, match="cannot build normalised_lstm.cpp: no .*ninja"):
+        native.loops()
+
+
+def test_an_unknown_choice_names_the_variable_and_the_allowed_values(monkeypatch):
+    monkeypatch.setenv("SEQTEST_NATIVE", "yes")
+    with pytest.raises(ConfigError, match="SEQTEST_NATIVE.*auto, off, require"):
+        native.loops()
+
+
+def test_the_build_folder_is_keyed_by_the_source_text(tmp_path, monkeypatch):
+    """Installs with the same source share one build; a changed source builds anew."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    source = tmp_path / "normalised_lstm.cpp"
+    source.write_text("// one")
+    monkeypatch.setattr(native, "SOURCE", source)
+    first = native.build_directory()
+    assert first.parent == tmp_path and first == native.build_directory()
+    source.write_text("// two")
+    assert native.build_directory() != first
