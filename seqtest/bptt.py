@@ -116,10 +116,9 @@ class Normalisation:
             self.vars = self.running_var[used].unbind(0)
 
     def as_tuple(self) -> tuple:
-        """What the compiled loops take (`seqtest.native`), after `prepare`."""
-        batch = self.kind == "batch"
-        running = (self.means, self.vars) if batch else ((), ())
-        return (not batch, self.weight, self.bias, self.eps, self.momentum, *running)
+        """What the compiled loops take (`seqtest.native`)."""
+        return (self.kind == "layer", self.weight, self.bias, self.eps, self.momentum,
+                self.running_mean, self.running_var)  # fmt: skip
 
     def forward(self, x: torch.Tensor, t: int):
         """(normalised x, mean, inverse std) of one step."""
@@ -165,6 +164,15 @@ class NormalisedLSTM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs, w_hh, norm_h, norm_c, *norm_params):
+        compiled = native.loops()
+        ctx.compiled = compiled
+        ctx.norms = norm_h, norm_c
+        ctx.overwrite_inputs = not inputs.is_leaf
+        ctx.save_for_backward(inputs, w_hh)
+        if compiled is not None:  # the same loop in C++, its buffers kept there (the tape)
+            norms = norm_h.as_tuple(), norm_c.as_tuple()
+            hidden, ctx.tape = compiled.forward(inputs, w_hh, *norms, BLOCK_BYTES)
+            return hidden
         T, B, G = inputs.shape
         H = G // 4
         w_hh_t = w_hh.t().contiguous()  # (see ElementwiseRNN)
@@ -178,19 +186,8 @@ class NormalisedLSTM(torch.autograd.Function):
         step_h[0].zero_()
         norm_h.prepare(T)
         norm_c.prepare(T)
-        steps = step_a, step_act, step_c, step_k, step_h
-        compiled = native.loops()
-        if compiled is not None:
-            norms = norm_h.as_tuple(), norm_c.as_tuple()
-            stats = compiled.forward_steps(inputs.unbind(0), w_hh_t, *steps, *norms)
-        else:
-            stats = NormalisedLSTM._forward_steps(inputs, w_hh_t, steps, norm_h, norm_c)
-        ctx.compiled = compiled
-        ctx.norms = norm_h, norm_c
-        ctx.stats = stats
-        ctx.steps = steps
-        ctx.overwrite_inputs = not inputs.is_leaf
-        ctx.save_for_backward(inputs, w_hh)
+        ctx.steps = step_a, step_act, step_c, step_k, step_h
+        ctx.stats = NormalisedLSTM._forward_steps(inputs, w_hh_t, ctx.steps, norm_h, norm_c)
         return torch.stack(step_h[1:], dim=1)
 
     @staticmethod
@@ -239,13 +236,12 @@ class NormalisedLSTM(torch.autograd.Function):
         # dL/dz_t (z_t = z^x_t + N_h(a_t)) is the input term's gradient; it is written over
         # the input term, which nothing reads after the forward pass
         d_inputs = inputs if ctx.overwrite_inputs else torch.empty_like(inputs)
-        step_grad, step_dz = grad_hidden.unbind(1), d_inputs.unbind(0)
         if ctx.compiled is not None:
             norms = norm_h.as_tuple(), norm_c.as_tuple()
-            grads = ctx.compiled.backward_steps(
-                step_grad, step_dz, w_hh, *ctx.steps, ctx.stats, *norms
-            )
+            grads = ctx.compiled.backward(ctx.tape, grad_hidden, d_inputs, w_hh, *norms)
+            del ctx.tape  # (the step buffers: freed now, not with the graph)
         else:
+            step_grad, step_dz = grad_hidden.unbind(1), d_inputs.unbind(0)
             grads = NormalisedLSTM._backward_steps(
                 step_grad, step_dz, w_hh, ctx.steps, ctx.stats, norm_h, norm_c
             )

@@ -1,19 +1,22 @@
-// The step loops of seqtest.bptt.NormalisedLSTM, issued from C++ (built by seqtest.native).
+// The normalised LSTM's forward and backward passes over time, issued from C++ (built by
+// seqtest.native; used by seqtest.bptt.NormalisedLSTM).
 //
-// Each function is a line-by-line translation of the Python loop it replaces
+// The loops are a line-by-line translation of the Python ones they replace
 // (NormalisedLSTM._forward_steps and ._backward_steps in seqtest/bptt.py): the same ATen
-// kernels, called in the same order on the same buffers, so the results are bit-identical.
-// What changes is the cost of issuing them: about 24 small kernels per time step, which
-// from Python cost more than their arithmetic at the sizes a testbed trains.
+// kernels, called in the same order on buffers laid out the same way (step_buffers), so the
+// results are bit-identical. What changes is the cost of issuing them: about 24 small kernels
+// per time step, plus a Python object for every per-step view, which from Python cost more
+// than the arithmetic at the sizes a testbed trains. The per-step buffers and statistics
+// stay in C++ (a Tape) between the two passes.
 //
-// The buffers come from Python (seqtest.bptt.step_buffers), one view per step, so that the
-// memory layout is decided in one place. A normalisation arrives as
-// (is_layer_norm, weight, bias or None, eps, momentum, running means, running variances);
-// batch norm's running estimates are one view per kept step (the last shared by the rest).
+// A normalisation arrives as the tuple (is_layer_norm, weight, bias or None, eps, momentum,
+// running means [L, F] or None, running variances or None); batch norm's statistics of step t
+// move row min(t, L - 1) of the running estimates (seqtest.models.StepBatchNorm).
 
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <array>
 #include <tuple>
 #include <vector>
@@ -29,18 +32,18 @@ struct Normalisation {
   c10::optional<Tensor> bias;
   double eps;
   double momentum;
-  Tensors means;  // batch norm: running mean of each kept step
-  Tensors vars;
+  c10::optional<Tensor> running_mean;
+  c10::optional<Tensor> running_var;
 
   // (normalised x, mean, inverse std) of step t
   std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& x, int64_t t) const {
     if (layer) return at::native_layer_norm(x, weight.sizes(), weight, bias, eps);
-    const int64_t last = static_cast<int64_t>(means.size()) - 1;
-    const int64_t slot = t < last ? t : last;
-    return at::native_batch_norm(x, weight, bias, means[slot], vars[slot], true, momentum, eps);
+    const int64_t slot = std::min(t, running_mean->size(0) - 1);
+    return at::native_batch_norm(x, weight, bias, running_mean->select(0, slot),
+                                 running_var->select(0, slot), true, momentum, eps);
   }
 
-  // dL/dx of one step; adds the step's d weight and d bias to `grads` (created at the first)
+  // dL/dx of one step; adds the step's d weight and d bias to `grads` (set at the first)
   Tensor backward(const Tensor& grad, const Tensor& x, const Tensor& mean, const Tensor& rstd,
                   Tensors& grads) const {
     const std::array<bool, 3> mask{true, true, bias.has_value()};
@@ -62,6 +65,27 @@ struct Normalisation {
   }
 };
 
+Normalisation unpack(const py::tuple& n) {
+  return {n[0].cast<bool>(),   n[1].cast<Tensor>(), n[2].cast<c10::optional<Tensor>>(),
+          n[3].cast<double>(), n[4].cast<double>(), n[5].cast<c10::optional<Tensor>>(),
+          n[6].cast<c10::optional<Tensor>>()};
+}
+
+// `steps` uninitialised [rows, cols] tensors as views into blocks of at most `block_bytes`
+// (seqtest.bptt.step_buffers: the same layout).
+Tensors step_buffers(const Tensor& like, int64_t steps, int64_t rows, int64_t cols,
+                     int64_t block_bytes) {
+  const int64_t per_step = static_cast<int64_t>(like.element_size()) * rows * cols;
+  const int64_t per_block = std::max<int64_t>(1, block_bytes / per_step);
+  Tensors views;
+  views.reserve(steps);
+  for (int64_t start = 0; start < steps; start += per_block) {
+    Tensor block = at::empty({std::min(per_block, steps - start), rows, cols}, like.options());
+    for (Tensor& view : block.unbind(0)) views.push_back(std::move(view));
+  }
+  return views;
+}
+
 // The (i, f, g, o) blocks of a [B, 4H] tensor, as views.
 std::array<Tensor, 4> gate_blocks(const Tensor& gates) {
   const int64_t H = gates.size(1) / 4;
@@ -69,103 +93,108 @@ std::array<Tensor, 4> gate_blocks(const Tensor& gates) {
           gates.narrow(1, 3 * H, H)};
 }
 
-// The forward loop: fills the step buffers; returns the statistics of N_h and N_c at every
-// step as four lists (mean_h, rstd_h, mean_c, rstd_c).
-std::vector<Tensors> forward_steps(
-    const Tensors& step_in, const Tensor& w_hh_t, Tensors& step_a, Tensors& step_act,
-    Tensors& step_c, Tensors& step_k, Tensors& step_h, const Normalisation& norm_h,
-    const Normalisation& norm_c) {
+// What the backward pass reads, per step.
+struct Tape {
+  Tensors a;    // W_hh h_{t-1}
+  Tensors act;  // i, f, g, o after their activations
+  Tensors c;    // c_{t-1} at t (c_0 = 0)
+  Tensors k;    // tanh(N_c(c_t))
+  Tensors h;    // h_{t-1} at t (h_0 = 0)
+  Tensors mean_h, rstd_h, mean_c, rstd_c;  // the normalisations' statistics
+};
+
+// Normalised input term [T, B, 4H] -> (hidden states [B, T, H], the tape).
+std::tuple<Tensor, Tape> forward(const Tensor& inputs, const Tensor& w_hh,
+                                 const Normalisation& norm_h, const Normalisation& norm_c,
+                                 int64_t block_bytes) {
   // the caller runs with autograd off; skipping its dispatch keys saves their overhead too
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t T = static_cast<int64_t>(step_in.size());
-  Tensor z = at::empty_like(step_in[0]);  // z_t = z^x_t + N_h(a_t)
+  const int64_t T = inputs.size(0), B = inputs.size(1), G = inputs.size(2), H = G / 4;
+  const Tensor w_hh_t = w_hh.t().contiguous();
+  Tape tape{step_buffers(inputs, T, B, G, block_bytes), step_buffers(inputs, T, B, G, block_bytes),
+            step_buffers(inputs, T + 1, B, H, block_bytes),
+            step_buffers(inputs, T, B, H, block_bytes),
+            step_buffers(inputs, T + 1, B, H, block_bytes)};
+  tape.c[0].zero_();
+  tape.h[0].zero_();
+  const Tensors step_in = inputs.unbind(0);
+  Tensor z = at::empty({B, G}, inputs.options());  // z_t = z^x_t + N_h(a_t)
   Tensor z_g = gate_blocks(z)[2];
-  std::vector<Tensors> stats(4);
   for (int64_t t = 0; t < T; ++t) {
-    Tensor a = at::mm_out(step_a[t], step_h[t], w_hh_t);
+    Tensor a = at::mm_out(tape.a[t], tape.h[t], w_hh_t);
     auto [n, mean_h, rstd_h] = norm_h.forward(a, t);
-    stats[0].push_back(mean_h);
-    stats[1].push_back(rstd_h);
+    tape.mean_h.push_back(mean_h);
+    tape.rstd_h.push_back(rstd_h);
     at::add_out(z, step_in[t], n);
-    auto [i, f, g, o] = gate_blocks(step_act[t]);
-    at::sigmoid_out(step_act[t], z);
+    auto [i, f, g, o] = gate_blocks(tape.act[t]);
+    at::sigmoid_out(tape.act[t], z);
     at::tanh_out(g, z_g);
-    Tensor c = at::mul_out(step_c[t + 1], f, step_c[t]);
+    Tensor c = at::mul_out(tape.c[t + 1], f, tape.c[t]);
     c.addcmul_(i, g);
     auto [m, mean_c, rstd_c] = norm_c.forward(c, t);
-    stats[2].push_back(mean_c);
-    stats[3].push_back(rstd_c);
-    Tensor k = at::tanh_out(step_k[t], m);
-    at::mul_out(step_h[t + 1], o, k);
+    tape.mean_c.push_back(mean_c);
+    tape.rstd_c.push_back(rstd_c);
+    Tensor k = at::tanh_out(tape.k[t], m);
+    at::mul_out(tape.h[t + 1], o, k);
   }
-  return stats;
+  Tensor hidden = at::stack(at::TensorList(tape.h).slice(1), 1);
+  return {hidden, std::move(tape)};
 }
 
-// The backward loop: writes dL/dz_t into step_dz; returns (dL/dW_hh, N_h's d weight and
-// d bias, N_c's d weight and d bias), a missing bias's gradient undefined (None).
-Tensors backward_steps(
-    const Tensors& step_grad, Tensors& step_dz, const Tensor& w_hh, const Tensors& step_a,
-    const Tensors& step_act, const Tensors& step_c, const Tensors& step_k,
-    const Tensors& step_h, const std::vector<Tensors>& stats, const Normalisation& norm_h,
-    const Normalisation& norm_c) {
+// Writes dL/dz_t into `d_inputs` [T, B, 4H]; returns (dL/dW_hh, N_h's d weight and d bias,
+// N_c's d weight and d bias), a missing bias's gradient undefined (None).
+Tensors backward(const Tape& tape, const Tensor& grad_hidden, const Tensor& d_inputs,
+                 const Tensor& w_hh, const Normalisation& norm_h, const Normalisation& norm_c) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t T = static_cast<int64_t>(step_dz.size());
+  const int64_t T = d_inputs.size(0);
+  const Tensors step_grad = grad_hidden.unbind(1);
+  Tensors step_dz = d_inputs.unbind(0);
   Tensor d_act = at::empty_like(step_dz[0]);  // dL/d(i, f, g, o) of the current step
   auto [d_i, d_f, d_g, d_o] = gate_blocks(d_act);
   Tensor d_w_hh = at::zeros_like(w_hh);
   Tensors grads_h, grads_c;  // (d weight, d bias), summed over the steps
   Tensor dh = step_grad[T - 1].clone();
-  Tensor dc = at::zeros_like(step_c[0]);
+  Tensor dc = at::zeros_like(tape.c[0]);
   for (int64_t t = T - 1; t >= 0; --t) {
-    const Tensor& k = step_k[t];
+    const Tensor& k = tape.k[t];
     Tensor& dz = step_dz[t];
-    auto [i, f, g, o] = gate_blocks(step_act[t]);
+    auto [i, f, g, o] = gate_blocks(tape.act[t]);
     at::mul_out(d_o, dh, k);
     Tensor d_m = at::tanh_backward(dh * o, k);  // dL/dN_c(c_t)
-    dc.add_(norm_c.backward(d_m, step_c[t + 1], stats[2][t], stats[3][t], grads_c));
+    dc.add_(norm_c.backward(d_m, tape.c[t + 1], tape.mean_c[t], tape.rstd_c[t], grads_c));
     at::mul_out(d_i, dc, g);
-    at::mul_out(d_f, dc, step_c[t]);
+    at::mul_out(d_f, dc, tape.c[t]);
     at::mul_out(d_g, dc, i);
     dc.mul_(f);
     // sigmoid' for every block, then tanh' over the g block
-    at::sigmoid_backward_out(dz, d_act, step_act[t]);
+    at::sigmoid_backward_out(dz, d_act, tape.act[t]);
     Tensor dz_g = gate_blocks(dz)[2];
     at::tanh_backward_out(dz_g, d_g, g);
-    Tensor da = norm_h.backward(dz, step_a[t], stats[0][t], stats[1][t], grads_h);
+    Tensor da = norm_h.backward(dz, tape.a[t], tape.mean_h[t], tape.rstd_h[t], grads_h);
     if (t > 0) {  // h_0 = 0: step 0 adds nothing to W_hh's gradient and has no h before
-      d_w_hh.addmm_(da.t(), step_h[t]);
+      d_w_hh.addmm_(da.t(), tape.h[t]);
       dh = at::addmm(step_grad[t - 1], da, w_hh);
     }
   }
   return {d_w_hh, grads_h[0], grads_h[1], grads_c[0], grads_c[1]};
 }
 
-Normalisation unpack(const py::tuple& n) {
-  return {n[0].cast<bool>(),    n[1].cast<Tensor>(),  n[2].cast<c10::optional<Tensor>>(),
-          n[3].cast<double>(),  n[4].cast<double>(),  n[5].cast<Tensors>(),
-          n[6].cast<Tensors>()};
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Tape>(m, "Tape", "The per-step buffers and statistics the backward pass reads");
   m.def(
-      "forward_steps",
-      [](const Tensors& step_in, const Tensor& w_hh_t, Tensors step_a, Tensors step_act,
-         Tensors step_c, Tensors step_k, Tensors step_h, const py::tuple& norm_h,
-         const py::tuple& norm_c) {
-        return forward_steps(step_in, w_hh_t, step_a, step_act, step_c, step_k, step_h,
-                             unpack(norm_h), unpack(norm_c));
+      "forward",
+      [](const Tensor& inputs, const Tensor& w_hh, const py::tuple& norm_h,
+         const py::tuple& norm_c, int64_t block_bytes) {
+        return forward(inputs, w_hh, unpack(norm_h), unpack(norm_c), block_bytes);
       },
-      "The normalised LSTM's forward loop (seqtest.bptt.NormalisedLSTM._forward_steps)");
+      "Normalised input term [T, B, 4H] -> (hidden states [B, T, H], tape)");
   m.def(
-      "backward_steps",
-      [](const Tensors& step_grad, Tensors step_dz, const Tensor& w_hh,
-         const Tensors& step_a, const Tensors& step_act, const Tensors& step_c,
-         const Tensors& step_k, const Tensors& step_h, const std::vector<Tensors>& stats,
-         const py::tuple& norm_h, const py::tuple& norm_c) {
-        return backward_steps(step_grad, step_dz, w_hh, step_a, step_act, step_c, step_k,
-                              step_h, stats, unpack(norm_h), unpack(norm_c));
+      "backward",
+      [](const Tape& tape, const Tensor& grad_hidden, const Tensor& d_inputs,
+         const Tensor& w_hh, const py::tuple& norm_h, const py::tuple& norm_c) {
+        return backward(tape, grad_hidden, d_inputs, w_hh, unpack(norm_h), unpack(norm_c));
       },
-      "The normalised LSTM's backward loop (seqtest.bptt.NormalisedLSTM._backward_steps)");
+      "Writes dL/dz_t into d_inputs; returns dW_hh and the normalisations' d weight, d bias");
 }

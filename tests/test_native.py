@@ -83,10 +83,10 @@ def test_the_compiled_loops_are_what_training_uses_by_default(monkeypatch):
     model = build_model(dict(cell="lstm", hidden_size=4, norm="layer"), 3, 2)
     monkeypatch.delenv("SEQTEST_NATIVE", raising=False)
     model(torch.randn(2, 5, 3)).sum().backward()
-    assert calls == ["forward_steps", "backward_steps"]
+    assert calls == ["forward", "backward"]
     monkeypatch.setenv("SEQTEST_NATIVE", "off")
     model(torch.randn(2, 5, 3)).sum().backward()
-    assert calls == ["forward_steps", "backward_steps"]
+    assert calls == ["forward", "backward"]
 
 
 def test_a_failed_build_warns_once_and_trains_on_the_python_loops(fresh_build, monkeypatch):
