@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +42,8 @@ from seqtest.errors import require_choice
 #: What SEQTEST_NATIVE may say (unset: "auto").
 CHOICES = ("auto", "off", "require")
 SOURCE = Path(__file__).with_name("normalised_lstm.cpp")
+#: A build lock older than this was left by a build that died (a build takes ~20 s).
+STALE_LOCK_S = 600
 log = logging.getLogger(__name__)
 
 _built: dict[str, ModuleType | str] = {}  # "module" or "error" once a build was tried
@@ -61,8 +64,8 @@ def toolchain_missing() -> str | None:
 
 
 def loops() -> ModuleType | None:
-    """The compiled loops (`forward_steps`, `backward_steps`), or None where the Python loops
-    run: SEQTEST_NATIVE=off, or a failed build under "auto" (warned about once)."""
+    """The compiled module (`forward`, `backward`, see normalised_lstm.cpp), or None where the
+    Python loops run: SEQTEST_NATIVE=off, or a failed build under "auto" (warned about once)."""
     wanted = choice()
     if wanted == "off":
         return None
@@ -132,6 +135,7 @@ def _compile() -> ModuleType:
         partial = folder / f".{SOURCE.name}.{os.getpid()}"
         partial.write_bytes(SOURCE.read_bytes())
         os.replace(partial, source)
+    _remove_stale_lock(folder / "lock")
     log.info("loading the compiled normalised-LSTM loops (the first build takes ~20 s)")
     return cpp_extension.load(
         name="seqtest_normalised_lstm",
@@ -139,3 +143,16 @@ def _compile() -> ModuleType:
         extra_cflags=["-O2"],
         build_directory=str(folder),
     )
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """Remove a build's lock file older than `STALE_LOCK_S`. The process that builds holds
+    it and removes it when done; one killed mid-build (SIGKILL, a cluster's time limit) leaves
+    it behind, and `cpp_extension.load` would then wait for it forever."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)

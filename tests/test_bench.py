@@ -9,7 +9,7 @@ import platform
 import pytest
 import torch
 
-from seqtest import bench
+from seqtest import bench, native
 
 STEP_FIELDS = {
     "kind": str, "model": str, "B": int, "T": int, "H": int, "seqtest_ms": float,
@@ -33,6 +33,7 @@ def test_step_records_schema(tmp_path):
         if normalised:
             expected = (record["target_ms"] + record["norm_kernels_ms"]) / record["target_ms"]
             assert record["loop_plus_norms_ratio"] == pytest.approx(expected) and expected > 1
+            assert record["loops"] == native.status() != "not built"  # the loops that ran
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(records))
     assert json.loads(path.read_text()) == records

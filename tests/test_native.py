@@ -4,6 +4,8 @@ they replace, and a clear fallback or error where they cannot be built."""
 from __future__ import annotations
 
 import copy
+import os
+import time
 import warnings
 
 import pytest
@@ -131,3 +133,22 @@ def test_the_build_folder_is_keyed_by_the_source_text(tmp_path, monkeypatch):
     assert first.parent == tmp_path and first == native.build_directory()
     source.write_text("// two")
     assert native.build_directory() != first
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    """`cpp_extension.load` waits for its lock file to go; a build killed mid-way leaves it
+    behind, which would hang every later run. A lock older than `STALE_LOCK_S` is removed
+    before loading; a fresh one (a build running now) is left for load to wait on."""
+    from torch.utils import cpp_extension
+
+    seen = []
+    monkeypatch.setattr(native, "build_directory", lambda: tmp_path)
+    monkeypatch.setattr(cpp_extension, "load", lambda **_: seen.append(lock.exists()))
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = time.time() - native.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    native._compile()
+    lock.touch()
+    native._compile()
+    assert seen == [False, True]
