@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import time
 import warnings
 
@@ -152,3 +154,31 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, 
     lock.touch()
     native._compile()
     assert seen == [False, True]
+
+
+@pytest.mark.slow
+@needs_toolchain
+def test_two_processes_building_at_once_both_get_the_loops(tmp_path):
+    """The jobs of a parallel sweep may all start with no build in the cache: one builds,
+    the others wait for its lock, and every one trains on the compiled loops."""
+    code = (
+        "import torch; from seqtest import native; from seqtest.models import build_model\n"
+        "m = build_model(dict(cell='lstm', hidden_size=4, norm='batch'), 3, 2)\n"
+        "m(torch.randn(2, 5, 3)).sum().backward(); print(native.status())"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "SEQTEST_NATIVE": "require"}
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    results = [job.communicate(timeout=600) for job in jobs]
+    for job, (out, err) in zip(jobs, results, strict=True):
+        assert job.returncode == 0 and out.strip() == "compiled", err
+    (folder,) = tmp_path.iterdir()
+    assert (folder / "seqtest_normalised_lstm.so").exists() and not (folder / "lock").exists()
