@@ -50,7 +50,7 @@ written the same way (no normalisations, `seqtest.bench.LSTMBPTTLoop`) is faster
 compares with both. N_h's and N_c's parameter gradients are summed step by step.
 
 The two loops (`NormalisedLSTM._forward_steps`, `._backward_steps`) also exist in C++
-(`normalised_lstm.cpp`, built on first use by `seqtest.native`), line by line the same
+(`loops.cpp`, built on first use by `seqtest.native`), line by line the same
 kernels in the same order, with the per-step buffers and statistics kept in C++ between the
 passes; the layer trains on those where they could be built, bit-identically (tested). At
 these sizes about 24 small kernels per time step cost more to issue from Python than to
@@ -203,7 +203,7 @@ class NormalisedLSTM(torch.autograd.Function):
     def _forward_steps(inputs, w_hh_t, steps, norm_h, norm_c) -> list[list[torch.Tensor]]:
         """The forward loop over the step buffers; returns the statistics of N_h and N_c at
         every step, as [mean_h], [rstd_h], [mean_c], [rstd_c] (`seqtest.native` compiles the
-        same loop, line by line, from normalised_lstm.cpp)."""
+        same loop, line by line, from loops.cpp)."""
         step_a, step_act, step_c, step_k, step_h = steps
         T, B, G = inputs.shape
         H = G // 4
@@ -334,10 +334,14 @@ class ElementwiseRNN(torch.autograd.Function):
         hidden = x.new_empty(T + 1, B, H)  # h_{t-1} at t (h_0 = 0)
         hidden[0].zero_()
         inputs = torch.addmm(bias, steps.view(T * B, -1), w_ih.t()).view(T, B, H)
-        activate_ = _activate_(activation, slope)
         w_hh_t = w_hh.t().contiguous()  # measured 15% faster in addmm than the transposed view
-        for t in range(T):
-            activate_(torch.addmm(inputs[t], hidden[t], w_hh_t, out=hidden[t + 1]))
+        compiled = ctx.compiled = native.loops()
+        if compiled is not None:  # the same loop in C++ (seqtest.native)
+            compiled.rnn_forward(inputs, hidden, w_hh_t, activation, slope)
+        else:
+            activate_ = _activate_(activation, slope)
+            for t in range(T):
+                activate_(torch.addmm(inputs[t], hidden[t], w_hh_t, out=hidden[t + 1]))
         ctx.activation = activation, slope
         ctx.save_for_backward(steps, w_ih, w_hh, hidden)
         return hidden[1:].transpose(0, 1).contiguous()
@@ -345,17 +349,20 @@ class ElementwiseRNN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_hidden):
         steps, w_ih, w_hh, hidden = ctx.saved_tensors
-        derivative = _derivative(*ctx.activation)
         T, B, H = steps.shape[0], hidden.shape[1], hidden.shape[2]
         grad_hidden = grad_hidden.transpose(0, 1)  # [T, B, H]
         d_pre = hidden.new_empty(T, B, H)  # dL/d(pre-activation) at every step
-        d_w_hh = torch.zeros_like(w_hh)
-        dh = grad_hidden[T - 1].clone()
-        for t in range(T - 1, -1, -1):
-            dp = derivative(dh, hidden[t + 1], d_pre[t])
-            if t > 0:  # h_0 = 0: step 0 adds nothing to W_hh's gradient
-                d_w_hh.addmm_(dp.t(), hidden[t])
-                dh = torch.addmm(grad_hidden[t - 1], dp, w_hh)
+        if ctx.compiled is not None:
+            d_w_hh = ctx.compiled.rnn_backward(grad_hidden, hidden, d_pre, w_hh, *ctx.activation)
+        else:
+            derivative = _derivative(*ctx.activation)
+            d_w_hh = torch.zeros_like(w_hh)
+            dh = grad_hidden[T - 1].clone()
+            for t in range(T - 1, -1, -1):
+                dp = derivative(dh, hidden[t + 1], d_pre[t])
+                if t > 0:  # h_0 = 0: step 0 adds nothing to W_hh's gradient
+                    d_w_hh.addmm_(dp.t(), hidden[t])
+                    dh = torch.addmm(grad_hidden[t - 1], dp, w_hh)
         flat = d_pre.view(T * B, H)
         d_w_ih = flat.t().mm(steps.view(T * B, -1))
         d_x = None
@@ -403,13 +410,17 @@ class GRU(torch.autograd.Function):
         hidden = x.new_empty(T + 1, B, H)  # h_{t-1} at t (h_0 = 0)
         hidden[0].zero_()
         w_hh_t = w_hh.t().contiguous()  # measured 15% faster in addmm than the transposed view
-        for t in range(T):
-            rec = torch.addmm(b_hh, hidden[t], w_hh_t, out=recurrent[t])
-            act = gates[t]
-            act[:, : 2 * H].add_(rec[:, : 2 * H]).sigmoid_()
-            r, z, n = act.chunk(3, dim=1)
-            n.addcmul_(r, rec[:, 2 * H :]).tanh_()
-            torch.lerp(n, hidden[t], z, out=hidden[t + 1])
+        compiled = ctx.compiled = native.loops()
+        if compiled is not None:  # the same loop in C++ (seqtest.native)
+            compiled.gru_forward(gates, recurrent, hidden, w_hh_t, b_hh)
+        else:
+            for t in range(T):
+                rec = torch.addmm(b_hh, hidden[t], w_hh_t, out=recurrent[t])
+                act = gates[t]
+                act[:, : 2 * H].add_(rec[:, : 2 * H]).sigmoid_()
+                r, z, n = act.chunk(3, dim=1)
+                n.addcmul_(r, rec[:, 2 * H :]).tanh_()
+                torch.lerp(n, hidden[t], z, out=hidden[t + 1])
         ctx.save_for_backward(steps, w_ih, w_hh, recurrent, gates, hidden)
         return hidden[1:].transpose(0, 1).contiguous()
 
@@ -430,19 +441,10 @@ class GRU(torch.autograd.Function):
         # term's, whose n block is d_n (the recurrent one is d_n * r)
         d_rec = recurrent  # each step's slot is written after its last read
         d_n_all = gates.new_empty(T, B, H)
-        dh = grad_hidden[T - 1].clone()
-        for t in range(T - 1, -1, -1):
-            r, z, n = gates[t].chunk(3, dim=1)
-            d = d_rec[t]
-            h_prev = hidden[t]
-            through_z = dh * z  # the direct path to h_{t-1}
-            d_n = aten.tanh_backward.grad_input(dh - through_z, n, grad_input=d_n_all[t])
-            d_r = d_n * recurrent[t, :, 2 * H :]
-            torch.mul(d_n, r, out=d[:, 2 * H :])
-            aten.sigmoid_backward.grad_input(d_r, r, grad_input=d[:, :H])
-            aten.sigmoid_backward.grad_input(dh * (h_prev - n), z, grad_input=d[:, H : 2 * H])
-            if t > 0:
-                dh = torch.addmm(through_z, d, w_hh).add_(grad_hidden[t - 1])
+        if ctx.compiled is not None:
+            ctx.compiled.gru_backward(grad_hidden, gates, recurrent, d_n_all, hidden, w_hh)
+        else:
+            GRU._backward_steps(grad_hidden, gates, recurrent, d_n_all, hidden, w_hh)
         # h_0 = 0: step 0 adds nothing to W_hh's gradient
         d_w_hh = d_rec[1:].reshape(-1, G).t().mm(hidden[1:T].reshape(-1, H))
         d_b_hh = d_rec.sum((0, 1))
@@ -456,6 +458,27 @@ class GRU(torch.autograd.Function):
             d_x = d_rz.mm(w_ih[: 2 * H]).addmm_(d_n_flat, w_ih[2 * H :])
             d_x = d_x.view(T, B, -1).transpose(0, 1)
         return d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+
+    @staticmethod
+    def _backward_steps(grad_hidden, gates, recurrent, d_n_all, hidden, w_hh) -> None:
+        """The backward loop: writes dL/d(W_hh h_{t-1} + b_hh) over `recurrent` and dL/dn
+        into `d_n_all` (loops.cpp's `gru_backward`, line by line)."""
+        T, _, G = gates.shape
+        H = G // 3
+        d_rec = recurrent
+        dh = grad_hidden[T - 1].clone()
+        for t in range(T - 1, -1, -1):
+            r, z, n = gates[t].chunk(3, dim=1)
+            d = d_rec[t]
+            h_prev = hidden[t]
+            through_z = dh * z  # the direct path to h_{t-1}
+            d_n = aten.tanh_backward.grad_input(dh - through_z, n, grad_input=d_n_all[t])
+            d_r = d_n * recurrent[t, :, 2 * H :]
+            torch.mul(d_n, r, out=d[:, 2 * H :])
+            aten.sigmoid_backward.grad_input(d_r, r, grad_input=d[:, :H])
+            aten.sigmoid_backward.grad_input(dh * (h_prev - n), z, grad_input=d[:, H : 2 * H])
+            if t > 0:
+                dh = torch.addmm(through_z, d, w_hh).add_(grad_hidden[t - 1])
 
 
 def gru(

@@ -1,18 +1,19 @@
-"""The normalised LSTMs' step loops compiled from C++, built on first use, with the Python
+"""The hand-written BPTT's step loops compiled from C++, built on first use, with the Python
 loops as the fallback.
 
-Why: a layer- or batch-norm LSTM has no fused kernel, so `seqtest.bptt.NormalisedLSTM` runs
-its time steps as a loop of about 24 small kernels per step. At the sizes a testbed trains,
-issuing them from Python costs more than their arithmetic: measured on a 2-core CPU at
-(B, T, H) = (32, 100, 64), the Python loops put the layer-norm LSTM's training step at 1.55x
-the best plain LSTM loop, and the C++ loops at 0.91x (docs/performance.md).
+Why: the cells `seqtest.bptt` trains by hand (vanilla RNNs, the GRU, the layer- and
+batch-norm LSTMs) run their time steps as a Python loop of small kernels: 2-3 per step for
+the RNN, about 16 for the GRU, 24 for a normalised LSTM. At the sizes a testbed trains,
+issuing them from Python costs about as much as their arithmetic: measured on a 2-core CPU
+at (B, T, H) = (32, 100, 64), the compiled loops took 0.54x (GRU) and 0.65-0.69x (normalised
+LSTMs) of the Python loops' training-step time (docs/performance.md).
 
-What: `normalised_lstm.cpp` calls the same ATen kernels in the same order on the same
-buffers as the Python loops, so the results are bit-identical (tests/test_native.py); only
-the cost of issuing the calls changes. It is compiled with `torch.utils.cpp_extension` the
-first time a normalised LSTM trains (about 20 s on 2 cores, once per machine, source and
-torch version; cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``,
-see `build_directory`). That needs a C++ compiler and ninja. Processes that build at the same
+What: `loops.cpp` calls the same ATen kernels in the same order on the same buffers as the
+Python loops, so the results are bit-identical (tests/test_native.py); only the cost of
+issuing the calls changes. It is compiled with `torch.utils.cpp_extension` the first time
+one of these cells trains (about 20 s on 2 cores, once per machine, source and torch
+version; cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, see
+`build_directory`). That needs a C++ compiler and ninja. Processes that build at the same
 time wait for each other.
 
 ``SEQTEST_NATIVE`` chooses:
@@ -41,7 +42,7 @@ from seqtest.errors import require_choice
 
 #: What SEQTEST_NATIVE may say (unset: "auto").
 CHOICES = ("auto", "off", "require")
-SOURCE = Path(__file__).with_name("normalised_lstm.cpp")
+SOURCE = Path(__file__).with_name("loops.cpp")
 #: A build lock older than this was left by a build that died (a build takes ~20 s).
 STALE_LOCK_S = 600
 log = logging.getLogger(__name__)
@@ -64,8 +65,9 @@ def toolchain_missing() -> str | None:
 
 
 def loops() -> ModuleType | None:
-    """The compiled module (`forward`, `backward`, see normalised_lstm.cpp), or None where the
-    Python loops run: SEQTEST_NATIVE=off, or a failed build under "auto" (warned about once)."""
+    """The compiled module (`rnn_forward`, `gru_forward`, `forward` ... in loops.cpp), or None
+    where the Python loops run: SEQTEST_NATIVE=off, or a failed build under "auto" (warned
+    about once)."""
     wanted = choice()
     if wanted == "off":
         return None
@@ -98,7 +100,7 @@ def _build() -> dict[str, ModuleType | str]:
         reason = f"cannot build {SOURCE.name}: {missing}"
     if choice() == "auto":
         warnings.warn(
-            f"seqtest: the normalised LSTMs train on their Python loops (same results, slower: "
+            f"seqtest: the hand-written BPTT runs its Python loops (same results, slower: "
             f"docs/performance.md); {reason}. SEQTEST_NATIVE=off silences this.",
             RuntimeWarning,
             stacklevel=3,
@@ -122,7 +124,7 @@ def build_directory() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     versions = f"{torch.__version__} {sys.version}".encode()
     key = hashlib.sha256(SOURCE.read_bytes() + versions).hexdigest()[:16]
-    return Path(root) / f"seqtest_normalised_lstm_{key}"
+    return Path(root) / f"seqtest_loops_{key}"
 
 
 def _compile() -> ModuleType:
@@ -136,9 +138,9 @@ def _compile() -> ModuleType:
         partial.write_bytes(SOURCE.read_bytes())
         os.replace(partial, source)
     _remove_stale_lock(folder / "lock")
-    log.info("loading the compiled normalised-LSTM loops (the first build takes ~20 s)")
+    log.info("loading the compiled BPTT loops (the first build takes ~20 s)")
     return cpp_extension.load(
-        name="seqtest_normalised_lstm",
+        name="seqtest_loops",
         sources=[str(source)],
         extra_cflags=["-O2"],
         build_directory=str(folder),

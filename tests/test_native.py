@@ -1,5 +1,6 @@
-"""The compiled normalised-LSTM loops (`seqtest.native`): bit-identical to the Python loops
-they replace, and a clear fallback or error where they cannot be built."""
+"""The compiled BPTT loops (`seqtest.native`): bit-identical to the Python loops they replace
+(vanilla RNNs, GRU, normalised LSTMs), and a clear fallback or error where they cannot be
+built."""
 
 from __future__ import annotations
 
@@ -71,9 +72,35 @@ def test_compiled_loops_are_bit_identical_to_the_python_loops(
 
 
 @needs_toolchain
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(cell="gru")]
+    + [dict(cell="rnn", activation=a) for a in ("tanh", "sigmoid", "relu", "leaky_relu", "elu")],
+    ids=lambda kwargs: kwargs.get("activation", kwargs["cell"]),
+)
+def test_compiled_rnn_and_gru_loops_are_bit_identical_to_the_python_loops(
+    kwargs, dtype, monkeypatch
+):
+    """Every activation the vanilla RNN trains by hand, and the GRU, in two layers (the
+    second layer's input gradient flows through the first's loops)."""
+    torch.manual_seed(0)
+    model = build_model(dict(hidden_size=6, num_layers=2, **kwargs), 3, 2).to(dtype)
+    model.train()
+    x = torch.randn(5, 12, 3, dtype=dtype)
+    weights = torch.randn(5, 12, 2, dtype=dtype)
+    assert all(layer.path(x) == "bptt" for layer in model.layers)
+    python = train_once(model, x, weights, "off", monkeypatch)
+    compiled = train_once(model, x, weights, "require", monkeypatch)
+    for a, b in zip(python, compiled, strict=True):
+        assert torch.equal(a, b)
+    assert all(g.abs().max() > 0 for g in compiled[1:])
+
+
+@needs_toolchain
 def test_the_compiled_loops_are_what_training_uses_by_default(monkeypatch):
-    """Unset SEQTEST_NATIVE means "auto": a normalised LSTM's training pass calls the
-    compiled loops; "off" never calls them."""
+    """Unset SEQTEST_NATIVE means "auto": the training pass of a vanilla RNN, a GRU and a
+    normalised LSTM calls the compiled loops; "off" never calls them."""
     calls = []
     compiled = native.loops()
     assert compiled is not None
@@ -84,13 +111,18 @@ def test_the_compiled_loops_are_what_training_uses_by_default(monkeypatch):
             return getattr(compiled, name)
 
     monkeypatch.setitem(native._built, "module", Spy())
-    model = build_model(dict(cell="lstm", hidden_size=4, norm="layer"), 3, 2)
-    monkeypatch.delenv("SEQTEST_NATIVE", raising=False)
-    model(torch.randn(2, 5, 3)).sum().backward()
-    assert calls == ["forward", "backward"]
-    monkeypatch.setenv("SEQTEST_NATIVE", "off")
-    model(torch.randn(2, 5, 3)).sum().backward()
-    assert calls == ["forward", "backward"]
+    expected = {"rnn": ["rnn_forward", "rnn_backward"], "gru": ["gru_forward", "gru_backward"],
+                "lstm": ["forward", "backward"]}  # fmt: skip
+    for cell, names in expected.items():
+        norm = "layer" if cell == "lstm" else "none"
+        model = build_model(dict(cell=cell, hidden_size=4, norm=norm), 3, 2)
+        monkeypatch.delenv("SEQTEST_NATIVE", raising=False)
+        calls.clear()
+        model(torch.randn(2, 5, 3)).sum().backward()
+        assert calls == names
+        monkeypatch.setenv("SEQTEST_NATIVE", "off")
+        model(torch.randn(2, 5, 3)).sum().backward()
+        assert calls == names
 
 
 def test_a_failed_build_warns_once_and_trains_on_the_python_loops(fresh_build, monkeypatch):
@@ -102,7 +134,7 @@ def test_a_failed_build_warns_once_and_trains_on_the_python_loops(fresh_build, m
     model = build_model(dict(cell="lstm", hidden_size=4, norm="batch"), 3, 2)
     with pytest.warns(RuntimeWarning, match="Python loops.*error: no such thing"):
         model(torch.randn(2, 5, 3)).sum().backward()
-    assert native.status().startswith("failed: building normalised_lstm.cpp failed")
+    assert native.status().startswith("failed: building loops.cpp failed")
     with warnings.catch_warnings():  # warned once, not at every step
         warnings.simplefilter("error")
         model(torch.randn(2, 5, 3)).sum().backward()
@@ -115,7 +147,7 @@ def test_a_missing_toolchain_is_named(fresh_build, monkeypatch):
     monkeypatch.setenv("PATH", "")
     monkeypatch.setenv("SEQTEST_NATIVE", "require")
     assert "ninja" in native.toolchain_missing()
-    with pytest.raises(RuntimeError, match="cannot build normalised_lstm.cpp: no .*ninja"):
+    with pytest.raises(RuntimeError, match="cannot build loops.cpp: no .*ninja"):
         native.loops()
 
 
@@ -128,7 +160,7 @@ def test_an_unknown_choice_names_the_variable_and_the_allowed_values(monkeypatch
 def test_the_build_folder_is_keyed_by_the_source_text(tmp_path, monkeypatch):
     """Installs with the same source share one build; a changed source builds anew."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    source = tmp_path / "normalised_lstm.cpp"
+    source = tmp_path / "loops.cpp"
     source.write_text("// one")
     monkeypatch.setattr(native, "SOURCE", source)
     first = native.build_directory()
@@ -181,4 +213,4 @@ def test_two_processes_building_at_once_both_get_the_loops(tmp_path):
     for job, (out, err) in zip(jobs, results, strict=True):
         assert job.returncode == 0 and out.strip() == "compiled", err
     (folder,) = tmp_path.iterdir()
-    assert (folder / "seqtest_normalised_lstm.so").exists() and not (folder / "lock").exists()
+    assert (folder / "seqtest_loops.so").exists() and not (folder / "lock").exists()

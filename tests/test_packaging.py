@@ -30,7 +30,7 @@ def test_wheel_installs_and_runs_from_a_fresh_venv(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "seqtest/conf/config.yaml" in names and "seqtest/conf/task/adding.yaml" in names
     assert "seqtest/tasks/adding.py" in names
-    assert "seqtest/normalised_lstm.cpp" in names  # the compiled loops' source (seqtest.native)
+    assert "seqtest/loops.cpp" in names  # the compiled loops' source (seqtest.native)
     assert not [n for n in names if n.startswith(("conf/", "tasks/"))]
 
     venv = tmp_path / "venv"

@@ -1,23 +1,26 @@
-// The normalised LSTM's forward and backward passes over time, issued from C++ (built by
-// seqtest.native; used by seqtest.bptt.NormalisedLSTM).
+// The step loops of seqtest.bptt's hand-written BPTT, issued from C++ (built by
+// seqtest.native): the vanilla RNN's (ElementwiseRNN), the GRU's and the normalised LSTM's.
 //
-// The loops are a line-by-line translation of the Python ones they replace
-// (NormalisedLSTM._forward_steps and ._backward_steps in seqtest/bptt.py): the same ATen
-// kernels, called in the same order on buffers laid out the same way (step_buffers), so the
-// results are bit-identical. What changes is the cost of issuing them: about 24 small kernels
-// per time step, plus a Python object for every per-step view, which from Python cost more
-// than the arithmetic at the sizes a testbed trains. The per-step buffers and statistics
-// stay in C++ (a Tape) between the two passes.
+// Each loop is a line-by-line translation of the Python loop it replaces in seqtest/bptt.py:
+// the same ATen kernels, called in the same order on buffers laid out the same way, so the
+// results are bit-identical (tests/test_native.py). What changes is the cost of issuing
+// them: up to about 24 small kernels per time step, plus a Python object for every
+// per-step view, which from Python cost more than the arithmetic at the sizes a testbed
+// trains. Everything outside the loops (the input products, the weight gradients summed over
+// all steps at once) stays in Python.
 //
-// A normalisation arrives as the tuple (is_layer_norm, weight, bias or None, eps, momentum,
-// running means [L, F] or None, running variances or None); batch norm's statistics of step t
-// move row min(t, L - 1) of the running estimates (seqtest.models.StepBatchNorm).
+// Normalised LSTM: the per-step buffers and statistics stay in C++ (a Tape) between the two
+// passes. A normalisation arrives as the tuple (is_layer_norm, weight, bias or None, eps,
+// momentum, running means [L, F] or None, running variances or None); batch norm's
+// statistics of step t move row min(t, L - 1) of the running estimates
+// (seqtest.models.StepBatchNorm).
 
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <array>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -25,6 +28,8 @@ using at::Tensor;
 using Tensors = std::vector<Tensor>;
 
 namespace {
+
+// ---------------------------------------------------------------- normalised LSTM
 
 struct Normalisation {
   bool layer;
@@ -179,9 +184,123 @@ Tensors backward(const Tape& tape, const Tensor& grad_hidden, const Tensor& d_in
   return {d_w_hh, grads_h[0], grads_h[1], grads_c[0], grads_c[1]};
 }
 
+// ---------------------------------------------------------------- vanilla RNN
+
+// h_t = f(inputs_t + W_hh h_{t-1}) in place, f by name (seqtest.bptt.RNN_ACTIVATIONS).
+void activate_(Tensor& p, const std::string& activation, double slope) {
+  if (activation == "tanh") {
+    p.tanh_();
+  } else if (activation == "sigmoid") {
+    p.sigmoid_();
+  } else if (activation == "relu") {
+    p.relu_();
+  } else if (activation == "leaky_relu") {
+    at::leaky_relu_(p, slope);
+  } else if (activation == "elu") {
+    at::elu_(p);
+  } else {
+    TORCH_CHECK(false, "no compiled loop for the activation ", activation);
+  }
+}
+
+// out = grad * f'(p), from f's output y = f(p) (seqtest.bptt._derivative)
+void derivative(Tensor& out, const Tensor& grad, const Tensor& y, const std::string& activation,
+                double slope) {
+  if (activation == "tanh") {
+    at::tanh_backward_out(out, grad, y);
+  } else if (activation == "sigmoid") {
+    at::sigmoid_backward_out(out, grad, y);
+  } else if (activation == "relu") {
+    at::threshold_backward_out(out, grad, y, 0);
+  } else if (activation == "leaky_relu") {
+    at::leaky_relu_backward_out(out, grad, y, slope, true);
+  } else if (activation == "elu") {
+    at::elu_backward_out(out, grad, 1.0, 1.0, 1.0, true, y);
+  } else {
+    TORCH_CHECK(false, "no compiled loop for the activation ", activation);
+  }
+}
+
+// ElementwiseRNN.forward's loop: hidden [T + 1, B, H] (h_0 = 0 set) from inputs [T, B, H].
+void rnn_forward(const Tensor& inputs, const Tensor& hidden, const Tensor& w_hh_t,
+                 const std::string& activation, double slope) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t T = inputs.size(0);
+  for (int64_t t = 0; t < T; ++t) {
+    Tensor h = hidden.select(0, t + 1);
+    at::addmm_out(h, inputs.select(0, t), hidden.select(0, t), w_hh_t);
+    activate_(h, activation, slope);
+  }
+}
+
+// ElementwiseRNN.backward's loop: fills d_pre [T, B, H]; returns dL/dW_hh.
+Tensor rnn_backward(const Tensor& grad_hidden, const Tensor& hidden, const Tensor& d_pre,
+                    const Tensor& w_hh, const std::string& activation, double slope) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t T = d_pre.size(0);
+  Tensor d_w_hh = at::zeros_like(w_hh);
+  Tensor dh = grad_hidden.select(0, T - 1).clone();
+  for (int64_t t = T - 1; t >= 0; --t) {
+    Tensor dp = d_pre.select(0, t);
+    derivative(dp, dh, hidden.select(0, t + 1), activation, slope);
+    if (t > 0) {  // h_0 = 0: step 0 adds nothing to W_hh's gradient
+      d_w_hh.addmm_(dp.t(), hidden.select(0, t));
+      dh = at::addmm(grad_hidden.select(0, t - 1), dp, w_hh);
+    }
+  }
+  return d_w_hh;
+}
+
+// ---------------------------------------------------------------- GRU
+
+// GRU.forward's loop: turns the input term `gates` [T, B, 3H] into (r, z, n) in place,
+// writes W_hh h_{t-1} + b_hh into `recurrent` and h_t into hidden [T + 1, B, H].
+void gru_forward(const Tensor& gates, const Tensor& recurrent, const Tensor& hidden,
+                 const Tensor& w_hh_t, const Tensor& b_hh) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t T = gates.size(0), H = hidden.size(2);
+  for (int64_t t = 0; t < T; ++t) {
+    Tensor rec = recurrent.select(0, t);
+    at::addmm_out(rec, b_hh, hidden.select(0, t), w_hh_t);
+    Tensor act = gates.select(0, t);
+    act.narrow(1, 0, 2 * H).add_(rec.narrow(1, 0, 2 * H)).sigmoid_();
+    Tensor r = act.narrow(1, 0, H), z = act.narrow(1, H, H), n = act.narrow(1, 2 * H, H);
+    n.addcmul_(r, rec.narrow(1, 2 * H, H)).tanh_();
+    Tensor h = hidden.select(0, t + 1);
+    at::lerp_out(h, n, hidden.select(0, t), z);
+  }
+}
+
+// GRU.backward's loop: writes dL/d(W_hh h_{t-1} + b_hh) over `recurrent` (each step's slot
+// after its last read) and dL/dn into d_n_all [T, B, H].
+void gru_backward(const Tensor& grad_hidden, const Tensor& gates, const Tensor& recurrent,
+                  const Tensor& d_n_all, const Tensor& hidden, const Tensor& w_hh) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t T = gates.size(0), H = hidden.size(2);
+  Tensor dh = grad_hidden.select(0, T - 1).clone();
+  for (int64_t t = T - 1; t >= 0; --t) {
+    Tensor act = gates.select(0, t);
+    Tensor r = act.narrow(1, 0, H), z = act.narrow(1, H, H), n = act.narrow(1, 2 * H, H);
+    Tensor d = recurrent.select(0, t);
+    Tensor d_r = d.narrow(1, 0, H), d_z = d.narrow(1, H, H), d_hn = d.narrow(1, 2 * H, H);
+    Tensor through_z = dh * z;  // the direct path to h_{t-1}
+    Tensor d_n = d_n_all.select(0, t);
+    at::tanh_backward_out(d_n, dh - through_z, n);
+    Tensor d_r_out = d_n * d_hn;  // (d_hn still holds W_hn h_{t-1} + b_hn here)
+    at::mul_out(d_hn, d_n, r);
+    at::sigmoid_backward_out(d_r, d_r_out, r);
+    at::sigmoid_backward_out(d_z, dh * (hidden.select(0, t) - n), z);
+    if (t > 0) dh = at::addmm(through_z, d, w_hh).add_(grad_hidden.select(0, t - 1));
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rnn_forward", &rnn_forward, "ElementwiseRNN.forward's loop");
+  m.def("rnn_backward", &rnn_backward, "ElementwiseRNN.backward's loop; returns dL/dW_hh");
+  m.def("gru_forward", &gru_forward, "GRU.forward's loop");
+  m.def("gru_backward", &gru_backward, "GRU.backward's loop");
   py::class_<Tape>(m, "Tape", "The per-step buffers and statistics the backward pass reads");
   m.def(
       "forward",
@@ -189,7 +308,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const py::tuple& norm_c, int64_t block_bytes) {
         return forward(inputs, w_hh, unpack(norm_h), unpack(norm_c), block_bytes);
       },
-      "Normalised input term [T, B, 4H] -> (hidden states [B, T, H], tape)");
+      "Normalised LSTM: normalised input term [T, B, 4H] -> (hidden states [B, T, H], tape)");
   m.def(
       "backward",
       [](const Tape& tape, const Tensor& grad_hidden, const Tensor& d_inputs,
