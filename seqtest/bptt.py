@@ -49,14 +49,17 @@ written the same way (no normalisations, `seqtest.bench.LSTMBPTTLoop`) is faster
 (0.63x and 0.78x of the autograd loop at the two smaller sizes); docs/performance.md
 compares with both. N_h's and N_c's parameter gradients are summed step by step.
 
-The two loops (`NormalisedLSTM._forward_steps`, `._backward_steps`) also exist in C++
-(`loops.cpp`, built on first use by `seqtest.native`), line by line the same
-kernels in the same order, with the per-step buffers and statistics kept in C++ between the
-passes; the layer trains on those where they could be built, bit-identically (tested). At
-these sizes about 24 small kernels per time step cost more to issue from Python than to
-run: switching between the two in one process (medians of interleaved steps), the compiled
-loops took 0.65x and 0.69x (LN, BN) of the Python loops' training-step time at (32, 100,
-64), 0.82x and 0.80x at (64, 200, 128) and 1.00x and 0.89x at (128, 400, 256).
+**Compiled loops.** The step loops of all three (the RNN's and the GRU's time loops,
+`NormalisedLSTM._forward_steps` and `._backward_steps`) also exist in C++ (`loops.cpp`,
+built on first use by `seqtest.native`), line by line the same kernels in the same order;
+the normalised LSTM keeps its per-step buffers and statistics in C++ between the passes.
+Training runs those where they could be built, bit-identically (tested), and the Python
+loops here otherwise. At these sizes the small kernels of a time step cost about as much
+to issue from Python as to run: switching between the two in one process (medians of
+interleaved training steps), the compiled loops took 0.80x, 0.60x, 0.65x and 0.69x (tanh
+RNN, GRU, LN-LSTM, BN-LSTM) of the Python loops' time at (32, 100, 64), 0.84x, 0.81x, 0.82x
+and 0.80x at (64, 200, 128) and 0.95x, 0.96x, 1.00x and 0.89x at (128, 400, 256). The
+ratios to `nn.RNN` and `nn.GRU` above are the Python loops'.
 
 `RecurrentLayer.forward` takes these paths when training with gradients on
 (`RecurrentLayer.path`); evaluation and the gradient analysis (`forward_unrolled`) run the

@@ -2,11 +2,13 @@
 loops as the fallback.
 
 Why: the cells `seqtest.bptt` trains by hand (vanilla RNNs, the GRU, the layer- and
-batch-norm LSTMs) run their time steps as a Python loop of small kernels: 2-3 per step for
-the RNN, about 16 for the GRU, 24 for a normalised LSTM. At the sizes a testbed trains,
-issuing them from Python costs about as much as their arithmetic: measured on a 2-core CPU
-at (B, T, H) = (32, 100, 64), the compiled loops took 0.54x (GRU) and 0.65-0.69x (normalised
-LSTMs) of the Python loops' training-step time (docs/performance.md).
+batch-norm LSTMs) run their time steps as a Python loop of small kernels and views: about
+13 calls per time step, forward and backward, for the RNN, 35 for the GRU and 30 for a
+normalised LSTM. At the sizes a testbed trains, issuing them from Python costs about as
+much as their arithmetic: measured on a 2-core CPU at (B, T, H) = (32, 100, 64), switching
+between the two in one process, the compiled loops took 0.68-0.80x (RNN), 0.60x (GRU) and
+0.65-0.69x (normalised LSTMs) of the Python loops' training-step time, and 0.80-0.84x at
+(64, 200, 128) (docs/performance.md).
 
 What: `loops.cpp` calls the same ATen kernels in the same order on the same buffers as the
 Python loops, so the results are bit-identical (tests/test_native.py); only the cost of
@@ -138,7 +140,8 @@ def _compile() -> ModuleType:
         partial.write_bytes(SOURCE.read_bytes())
         os.replace(partial, source)
     _remove_stale_lock(folder / "lock")
-    log.info("loading the compiled BPTT loops (the first build takes ~20 s)")
+    if not (folder / "seqtest_loops.so").exists():  # (a run's log says so once, not always)
+        log.info("building the compiled BPTT loops in %s (once, ~20 s)", folder)
     return cpp_extension.load(
         name="seqtest_loops",
         sources=[str(source)],

@@ -5,6 +5,7 @@ built."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import subprocess
 import sys
@@ -214,3 +215,19 @@ def test_two_processes_building_at_once_both_get_the_loops(tmp_path):
         assert job.returncode == 0 and out.strip() == "compiled", err
     (folder,) = tmp_path.iterdir()
     assert (folder / "seqtest_loops.so").exists() and not (folder / "lock").exists()
+
+
+def test_a_build_is_logged_only_when_one_is_needed(tmp_path, monkeypatch, caplog):
+    """Every run that trains these cells loads the loops; its log mentions the build only
+    when there is none yet in the build folder."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(native, "build_directory", lambda: tmp_path)
+    monkeypatch.setattr(cpp_extension, "load", lambda **_: None)
+    with caplog.at_level(logging.INFO, logger="seqtest.native"):
+        native._compile()
+        assert "building the compiled BPTT loops" in caplog.text
+        caplog.clear()
+        (tmp_path / "seqtest_loops.so").touch()
+        native._compile()
+        assert caplog.text == ""
