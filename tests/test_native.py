@@ -42,6 +42,24 @@ def train_once(model, x, weights, loops: str, monkeypatch):
     return [out, *grads, *model.buffers()]
 
 
+def assert_compiled_equals_python(model, monkeypatch) -> None:
+    """One training pass of a [5, 12, 3]-input model with the Python loops and one with the
+    compiled ones: outputs, gradients and buffers equal to the last bit, every gradient
+    nonzero (so that none is compared vacuously)."""
+    model.train()
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(5, 12, 3, dtype=dtype)
+    weights = torch.randn(5, 12, 2, dtype=dtype)
+    assert all(layer.path(x) == "bptt" for layer in model.layers)
+    python = train_once(model, x, weights, "off", monkeypatch)
+    compiled = train_once(model, x, weights, "require", monkeypatch)
+    assert native.status() == "compiled"
+    for a, b in zip(python, compiled, strict=True):
+        assert torch.equal(a, b)
+    gradients = compiled[1 : 2 + len(list(model.parameters()))]
+    assert all(g.abs().max() > 0 for g in gradients)
+
+
 CASES = [("layer", 2, 6, 10), ("batch", 1, 6, 4), ("batch", 2, 9, 30)]
 
 
@@ -60,16 +78,7 @@ def test_compiled_loops_are_bit_identical_to_the_python_loops(
         dict(cell="lstm", hidden_size=hidden, num_layers=layers, norm=norm,
              bn_max_steps=bn_max_steps), 3, 2,
     ).to(dtype)  # fmt: skip
-    model.train()
-    x = torch.randn(5, 12, 3, dtype=dtype)
-    weights = torch.randn(5, 12, 2, dtype=dtype)
-    assert all(layer.path(x) == "bptt" for layer in model.layers)
-    python = train_once(model, x, weights, "off", monkeypatch)
-    compiled = train_once(model, x, weights, "require", monkeypatch)
-    assert native.status() == "compiled"
-    for a, b in zip(python, compiled, strict=True):
-        assert torch.equal(a, b)
-    assert all(g.abs().max() > 0 for g in compiled[1 : 2 + len(list(model.parameters()))])
+    assert_compiled_equals_python(model, monkeypatch)
 
 
 @needs_toolchain
@@ -87,15 +96,7 @@ def test_compiled_rnn_and_gru_loops_are_bit_identical_to_the_python_loops(
     second layer's input gradient flows through the first's loops)."""
     torch.manual_seed(0)
     model = build_model(dict(hidden_size=6, num_layers=2, **kwargs), 3, 2).to(dtype)
-    model.train()
-    x = torch.randn(5, 12, 3, dtype=dtype)
-    weights = torch.randn(5, 12, 2, dtype=dtype)
-    assert all(layer.path(x) == "bptt" for layer in model.layers)
-    python = train_once(model, x, weights, "off", monkeypatch)
-    compiled = train_once(model, x, weights, "require", monkeypatch)
-    for a, b in zip(python, compiled, strict=True):
-        assert torch.equal(a, b)
-    assert all(g.abs().max() > 0 for g in compiled[1:])
+    assert_compiled_equals_python(model, monkeypatch)
 
 
 @needs_toolchain
