@@ -19,8 +19,9 @@ Four measurements, each a list of records (``kind`` tells them apart):
   ``loop_plus_norms_ratio`` = (loop + those kernels) / loop, what the loop would cost with
   the normalisations added and nothing else. A step-by-step implementation built on those
   kernels can beat it only by doing the rest of the step faster than that Python loop (as
-  seqtest's compiled loops do, `seqtest.native`; ``loops`` says whether they ran: "compiled",
-  "off" or why the build failed). Timed interleaved, seqtest / reference / seqtest / ..., on
+  seqtest's compiled loops do, `seqtest.native`; every record's ``loops`` says whether they
+  ran: "compiled", "off" or why the build failed). Timed interleaved, seqtest / reference /
+  seqtest / ..., on
   ``--threads`` torch threads; the medians of the rounds.
 * ``probe``: the gradient probes' share of a run's wall time at the default cadence
   (`seqtest.bench_probe.run_cost`).
@@ -430,12 +431,14 @@ def step_records(
                 "steps_per_round": n,
                 "threads": torch.get_num_threads(),
                 "device": device,
+                # the hand-written BPTT's loops: "compiled", "off", or why the build failed
+                # ("not built" where only fused kernels ran so far)
+                "loops": native.status(),
             }
             with_norms = ""
             if "norm_kernels" in medians:
                 norms_ms = record["norm_kernels_ms"] = 1000 * medians["norm_kernels"]
                 record["loop_plus_norms_ratio"] = (target_ms + norms_ms) / target_ms
-                record["loops"] = native.status()  # "compiled", or why the Python loops ran
                 with_norms = (
                     f"; loop + norm kernels {record['loop_plus_norms_ratio']:.3f}"
                     f" ({record['loops']} loops)"
