@@ -53,13 +53,17 @@ compares with both. N_h's and N_c's parameter gradients are summed step by step.
 `NormalisedLSTM._forward_steps` and `._backward_steps`) also exist in C++ (`loops.cpp`,
 built on first use by `seqtest.native`), line by line the same kernels in the same order;
 the normalised LSTM keeps its per-step buffers and statistics in C++ between the passes.
-Training runs those where they could be built, bit-identically (tested), and the Python
-loops here otherwise. At these sizes the small kernels of a time step cost about as much
-to issue from Python as to run: switching between the two in one process (medians of
-interleaved training steps), the compiled loops took 0.80x, 0.60x, 0.65x and 0.69x (tanh
-RNN, GRU, LN-LSTM, BN-LSTM) of the Python loops' time at (32, 100, 64), 0.84x, 0.81x, 0.82x
-and 0.80x at (64, 200, 128) and 0.95x, 0.96x, 1.00x and 0.89x at (128, 400, 256). The
-ratios to `nn.RNN` and `nn.GRU` above are the Python loops'.
+The one change is the BN-LSTM's per-step batch norm, which there runs a kernel of ours
+instead of PyTorch's (on these [B, F] shapes PyTorch's costs about twice as much; ours
+agrees with it to rounding). Training runs those where they could be built, bit-identically
+(tested; the BN-LSTM to rounding), and the Python loops here otherwise. At these sizes
+the small kernels of a time step cost about as much to issue from Python as to run:
+switching between the two in one process (medians of interleaved training steps), the
+compiled loops took 0.80x, 0.60x, 0.65x and 0.69x (tanh RNN, GRU, LN-LSTM, BN-LSTM with
+PyTorch's batch norm) of the Python loops' time at (32, 100, 64), 0.84x, 0.81x, 0.82x and
+0.80x at (64, 200, 128) and 0.95x, 0.96x, 1.00x and 0.89x at (128, 400, 256); the BN-LSTM's
+own batch-norm kernel then took its step to 0.79x, 0.93x and 1.03x of that (measured the
+same way). The ratios to `nn.RNN` and `nn.GRU` above are the Python loops'.
 
 `RecurrentLayer.forward` takes these paths when training with gradients on
 (`RecurrentLayer.path`); evaluation and the gradient analysis (`forward_unrolled`) run the

@@ -1,6 +1,6 @@
 """The compiled BPTT loops (`seqtest.native`): bit-identical to the Python loops they replace
-(vanilla RNNs, GRU, normalised LSTMs), and a clear fallback or error where they cannot be
-built."""
+(vanilla RNNs, GRU, LN-LSTM; the BN-LSTM to rounding, its batch norm being our own kernel,
+checked against PyTorch's), and a clear fallback or error where they cannot be built."""
 
 from __future__ import annotations
 
@@ -42,10 +42,11 @@ def train_once(model, x, weights, loops: str, monkeypatch):
     return [out, *grads, *model.buffers()]
 
 
-def assert_compiled_equals_python(model, monkeypatch) -> None:
+def assert_compiled_equals_python(model, monkeypatch, exact: bool = True) -> None:
     """One training pass of a [5, 12, 3]-input model with the Python loops and one with the
-    compiled ones: outputs, gradients and buffers equal to the last bit, every gradient
-    nonzero (so that none is compared vacuously)."""
+    compiled ones: outputs, gradients and buffers equal to the last bit (`exact`; else to
+    rounding: 1e-5 in float32, 1e-12 in float64), every gradient nonzero (so that none is
+    compared vacuously)."""
     model.train()
     dtype = next(model.parameters()).dtype
     x = torch.randn(5, 12, 3, dtype=dtype)
@@ -54,8 +55,12 @@ def assert_compiled_equals_python(model, monkeypatch) -> None:
     python = train_once(model, x, weights, "off", monkeypatch)
     compiled = train_once(model, x, weights, "require", monkeypatch)
     assert native.status() == "compiled"
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
     for a, b in zip(python, compiled, strict=True):
-        assert torch.equal(a, b)
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
     gradients = compiled[1 : 2 + len(list(model.parameters()))]
     assert all(g.abs().max() > 0 for g in gradients)
 
@@ -66,19 +71,20 @@ CASES = [("layer", 2, 6, 10), ("batch", 1, 6, 4), ("batch", 2, 9, 30)]
 @needs_toolchain
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("norm,layers,hidden,bn_max_steps", CASES)
-def test_compiled_loops_are_bit_identical_to_the_python_loops(
+def test_compiled_normalised_lstm_loops_equal_the_python_loops(
     norm, layers, hidden, bn_max_steps, dtype, monkeypatch
 ):
-    """The same kernels in the same order: outputs, every gradient (input, W_hh, the
-    normalisations' weights and biases, and through them W_ih) and the batch-norm running
-    estimates are equal to the last bit. Batch norm keeps statistics for 4 of 12 steps in one
-    case (the last slot shared) and for all of them in the other."""
+    """Outputs, every gradient (input, W_hh, the normalisations' weights and biases, and
+    through them W_ih) and the batch-norm running estimates: equal to the last bit for layer
+    norm (the same kernels in the same order), to rounding for batch norm (our own kernel,
+    summing in another order than PyTorch's). Batch norm keeps statistics for 4 of 12 steps
+    in one case (the last slot shared) and for all of them in the other."""
     torch.manual_seed(0)
     model = build_model(
         dict(cell="lstm", hidden_size=hidden, num_layers=layers, norm=norm,
              bn_max_steps=bn_max_steps), 3, 2,
     ).to(dtype)  # fmt: skip
-    assert_compiled_equals_python(model, monkeypatch)
+    assert_compiled_equals_python(model, monkeypatch, exact=norm == "layer")
 
 
 @needs_toolchain
@@ -97,6 +103,104 @@ def test_compiled_rnn_and_gru_loops_are_bit_identical_to_the_python_loops(
     torch.manual_seed(0)
     model = build_model(dict(hidden_size=6, num_layers=2, **kwargs), 3, 2).to(dtype)
     assert_compiled_equals_python(model, monkeypatch)
+
+
+def pytorch_batch_norm(x, weight, bias, running_mean, running_var, grad):
+    """PyTorch's training-mode batch norm of x [B, F]: (y, mean, inverse std, dL/dx,
+    dL/dw, dL/db) given dL/dy = `grad`; the running estimates moved in place."""
+    y, mean, rstd = torch.native_batch_norm(
+        x, weight, bias, running_mean, running_var, True, 0.1, 1e-5
+    )
+    grads = torch.ops.aten.native_batch_norm_backward(
+        grad, x, weight, None, None, mean, rstd, True, 1e-5, [True, True, bias is not None]
+    )
+    return [y, mean, rstd, *grads]
+
+
+def float64_batch_norm(x, weight, bias, running_mean, running_var, grad):
+    """The same quantities computed in float64 by `F.batch_norm` and autograd, an
+    independent computation (no shared code with either kernel), as x's dtype."""
+    x64, weight64 = (t.double().requires_grad_() for t in (x, weight))
+    bias64 = bias.double().requires_grad_() if bias is not None else None
+    estimates = [running_mean.double(), running_var.double()]
+    y = torch.nn.functional.batch_norm(x64, *estimates, weight64, bias64, True, 0.1, 1e-5)
+    y.backward(grad.double())
+    mean = x64.detach().mean(0)
+    rstd = (x64.detach().var(0, unbiased=False) + 1e-5).rsqrt()
+    bias_grad = bias64.grad if bias is not None else None
+    values = [y.detach(), mean, rstd, x64.grad, weight64.grad, bias_grad, *estimates]
+    return [v.to(x.dtype) if v is not None else None for v in values]
+
+
+@needs_toolchain
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 5), (5, 7), (64, 128), (17, 300)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_batch_norm_kernel_matches_a_float64_computation(shape, with_bias, dtype):
+    """The BN-LSTM's per-step batch norm (our kernel in loops.cpp): output, batch statistics,
+    the three gradients and the moved running estimates, each within 1e-5 (float32) or
+    1e-12 (float64) of its largest entry. Then the inverse std and the running variance
+    where the features' means are 40 times their spread: there a one-pass variance
+    E[x^2] - E[x]^2 without a shift is off by 2-4e-4 in float32. (There x - mean itself
+    carries float32's rounding of the mean, ~1e-6 against a spread of 0.5, in PyTorch's
+    kernel as in ours: the other quantities are checked at a mean twice the spread.)"""
+    compiled = native.loops()
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(*size, scale=1.0, offset=0.0):
+        return torch.randn(*size, generator=generator, dtype=dtype) * scale + offset
+
+    B, F = shape
+    x = draw(B, F, offset=2.0)
+    grad, weight = draw(B, F), draw(F, offset=1.0)
+    bias = draw(F) if with_bias else None
+    estimates = [draw(F), draw(F).abs() + 0.5]
+    expected = float64_batch_norm(x, weight, bias, *estimates, grad)
+    assert compiled.own_batch_norm(x, weight)
+    y, mean, rstd = compiled.batch_norm_forward(x, weight, bias, *estimates, 0.1, 1e-5)
+    grads = compiled.batch_norm_backward(grad, x, weight, mean, rstd, 1e-5, with_bias)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    for ours, theirs in zip([y, mean, rstd, *grads, *estimates], expected, strict=True):
+        if theirs is None:
+            assert ours is None
+        else:
+            assert (ours - theirs).abs().max() <= tolerance * theirs.abs().max()
+    far = draw(B, F, scale=0.5, offset=20.0)
+    estimates = [draw(F), draw(F).abs() + 0.5]
+    expected = float64_batch_norm(far, weight, bias, *estimates, grad)
+    _, _, rstd = compiled.batch_norm_forward(far, weight, bias, *estimates, 0.1, 1e-5)
+    for ours, theirs in [(rstd, expected[2]), (estimates[1], expected[7])]:
+        assert (ours - theirs).abs().max() <= tolerance * theirs.abs().max()
+
+
+@needs_toolchain
+def test_the_batch_norm_kernel_leaves_what_it_does_not_cover_to_pytorch():
+    """Large steps on several threads (PyTorch's kernel splits them over the threads and was
+    measured faster), strided inputs and half precision run PyTorch's kernel: bit-identical
+    to it."""
+    compiled = native.loops()
+    weight, bias = torch.rand(512) + 0.5, torch.randn(512)
+    large, strided = torch.randn(256, 512), torch.randn(512, 8).t()  # [8, 512], strided
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        half = torch.ones(6, dtype=torch.bfloat16)
+        cases = [(large, weight, bias), (strided, weight, bias),
+                 (torch.randn(4, 6, dtype=torch.bfloat16), half, half)]  # fmt: skip
+        for x, w, b in cases:
+            assert not compiled.own_batch_norm(x, w)
+            grad = torch.randn_like(x)
+            ours_estimates = [torch.zeros_like(w), torch.ones_like(w)]
+            theirs_estimates = [e.clone() for e in ours_estimates]
+            ours = list(compiled.batch_norm_forward(x, w, b, *ours_estimates, 0.1, 1e-5))
+            ours += compiled.batch_norm_backward(grad, x, w, ours[1], ours[2], 1e-5, True)
+            theirs = pytorch_batch_norm(x, w, b, *theirs_estimates, grad)
+            for a, t in zip(ours + ours_estimates, theirs + theirs_estimates, strict=True):
+                assert torch.equal(a, t)
+        torch.set_num_threads(1)  # on one thread our kernel also runs the large step
+        assert compiled.own_batch_norm(large, weight)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_toolchain
