@@ -20,9 +20,9 @@ Four measurements, each a list of records (``kind`` tells them apart):
   the normalisations added and nothing else. A step-by-step implementation built on those
   kernels can beat it only by doing the rest of the step faster than that Python loop (as
   seqtest's compiled loops do, `seqtest.native`; every record's ``loops`` says whether they
-  ran: "compiled", "off" or why the build failed). Timed interleaved, seqtest / reference /
-  seqtest / ..., on
-  ``--threads`` torch threads; the medians of the rounds.
+  ran: "compiled", "off" or why the build failed). Timed interleaved on ``--threads`` torch
+  threads, seqtest / reference, then reference / seqtest, and so on: the medians of the
+  rounds, their ratio, and the median of each round's ratio (``paired_ratio``).
 * ``probe``: the gradient probes' share of a run's wall time at the default cadence
   (`seqtest.bench_probe.run_cost`).
 * ``parallel``: a sweep under ``hydra/launcher=joblib`` against the same jobs one after another
@@ -351,17 +351,29 @@ def _time(step: Callable, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def interleaved(steps: dict[str, Callable], rounds: int, repeats: int, warmup: int = 2):
-    """Time each closure `repeats` steps at a time, in turn, for `rounds` rounds; the median
-    seconds per step of each."""
+def interleaved(
+    steps: dict[str, Callable], rounds: int, repeats: int, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Time each closure `repeats` steps at a time, in turn, for `rounds` rounds: the seconds
+    per step of each, round by round. The order reverses every other round (A B C, C B A,
+    ...), so that a machine whose speed drifts during a round favours no closure."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times[name].append(_time(step, repeats))
-    return {name: statistics.median(values) for name, values in times.items()}
+    order = list(steps)
+    for round_ in range(rounds):
+        for name in order if round_ % 2 == 0 else reversed(order):
+            times[name].append(_time(steps[name], repeats))
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, other: str) -> float:
+    """The median over rounds of `name`'s time / `other`'s in the same round. Each round's
+    two timings are seconds apart, so a drift of the machine's speed over a run (on the
+    2-core machine of docs/performance.md, up to 1.5x within a minute) cancels in each
+    ratio, where it does not in the ratio of the two medians."""
+    return statistics.median(a / b for a, b in zip(times[name], times[other], strict=True))
 
 
 def _repeats_for(step: Callable, budget_s: float) -> int:
@@ -385,8 +397,10 @@ def step_records(
     """Time seqtest's step against its reference for every model and (B, T, H) of `grid`.
 
     One record per pair: ``model``, ``B``, ``T``, ``H``, ``seqtest_ms``, ``reference_ms``,
-    ``ratio`` (seqtest / reference), ``reference`` (what it is), and the target's own
-    denominator ``target_of`` / ``target_ms``, ``target_ratio`` and ``target``.
+    ``ratio`` (seqtest / reference, of the medians), ``reference`` (what it is), the target's
+    own denominator ``target_of`` / ``target_ms``, ``target_ratio`` and ``target``, and
+    ``paired_ratio`` / ``target_paired_ratio``: the median of the per-round ratios
+    (`paired_ratio`), the estimate a drifting machine speed disturbs least.
     Every reference a target names (nn.RNN for the sigmoid RNN; both LSTM loops for the
     normalised LSTMs) is timed in the same rounds, and the target is the fastest of them
     (``candidates_ms`` holds each one's time). `repeats` fixes the steps per timing; else
@@ -407,7 +421,8 @@ def step_records(
             if norm:
                 steps["norm_kernels"] = normalisation_kernels_step(norm, B, T, H, device)
             n = repeats or _repeats_for(steps["seqtest"], budget_s)
-            medians = interleaved(steps, rounds, n)
+            times = interleaved(steps, rounds, n)
+            medians = {name: statistics.median(values) for name, values in times.items()}
             seqtest_ms = 1000 * medians["seqtest"]
             reference_ms = 1000 * medians[reference]
             target_of = min(candidates, key=medians.__getitem__)
@@ -425,6 +440,8 @@ def step_records(
                 "target_of": target_of,
                 "target_ms": target_ms,
                 "target_ratio": seqtest_ms / target_ms,
+                "paired_ratio": paired_ratio(times, "seqtest", reference),
+                "target_paired_ratio": paired_ratio(times, "seqtest", target_of),
                 "target": limit,
                 "candidates_ms": {name: 1000 * medians[name] for name in candidates},
                 "rounds": rounds,
@@ -447,8 +464,10 @@ def step_records(
             if log:
                 log(
                     f"{model:12s} B={B:<4d} T={T:<4d} H={H:<4d} seqtest {seqtest_ms:8.2f} ms  "
-                    f"{reference:16s} {reference_ms:8.2f} ms  ratio {record['ratio']:.3f}  "
-                    f"vs {target_of} {record['target_ratio']:.3f} (target <= {limit}){with_norms}"
+                    f"{reference:16s} {reference_ms:8.2f} ms  ratio {record['ratio']:.3f} "
+                    f"(paired {record['paired_ratio']:.3f})  vs {target_of} "
+                    f"{record['target_ratio']:.3f} (paired {record['target_paired_ratio']:.3f}; "
+                    f"target <= {limit}){with_norms}"
                 )
     return records
 

@@ -14,7 +14,8 @@ from seqtest import bench, native
 STEP_FIELDS = {
     "kind": str, "model": str, "B": int, "T": int, "H": int, "seqtest_ms": float,
     "reference_ms": float, "ratio": float, "reference": str, "target_of": str,
-    "target_ms": float, "target_ratio": float, "target": float,
+    "target_ms": float, "target_ratio": float, "target": float, "paired_ratio": float,
+    "target_paired_ratio": float,
 }  # fmt: skip
 
 
@@ -39,6 +40,25 @@ def test_step_records_schema(tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(records))
     assert json.loads(path.read_text()) == records
+
+
+def test_rounds_alternate_their_order_and_time_every_closure_each_round():
+    order = []
+    steps = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    times = bench.interleaved(steps, rounds=3, repeats=2, warmup=1)
+    assert order == list("abc") + list("aabbcc") + list("ccbbaa") + list("aabbcc")
+    assert {name: len(values) for name, values in times.items()} == dict(a=3, b=3, c=3)
+
+
+def test_the_paired_ratio_cancels_a_change_of_speed_that_the_ratio_of_medians_keeps():
+    """seqtest runs at 0.9x the reference; the machine halves its speed between the two
+    timings of the third round. The ratio of the medians compares a fast-phase median with
+    a slow-phase one; the median of the per-round ratios is the 0.9."""
+    speed = {"seqtest": [1, 1, 1, 2, 2], "reference": [1, 1, 2, 2, 2]}
+    times = {"seqtest": [0.9 * t for t in speed["seqtest"]], "reference": speed["reference"]}
+    medians = {name: bench.statistics.median(values) for name, values in times.items()}
+    assert medians["seqtest"] / medians["reference"] == pytest.approx(0.45)
+    assert bench.paired_ratio(times, "seqtest", "reference") == pytest.approx(0.9)
 
 
 @pytest.mark.parametrize("norm,kernel", [("layer", "native_layer_norm"),
