@@ -17,7 +17,7 @@ kernel there (PyTorch's, written for images, costs about twice as much on these 
 it agrees with PyTorch's to rounding, checked against a float64 computation.
 
 It is compiled with `torch.utils.cpp_extension` the first time one of these cells trains
-(about 20 s on 2 cores, once per machine, source and torch version; cached in
+(about 25 s on 2 cores, once per machine, source and torch version; cached in
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, see `build_directory`).
 That needs a C++ compiler and ninja. Processes that build at the same time wait for each
 other.
@@ -49,7 +49,7 @@ from seqtest.errors import require_choice
 #: What SEQTEST_NATIVE may say (unset: "auto").
 CHOICES = ("auto", "off", "require")
 SOURCE = Path(__file__).with_name("loops.cpp")
-#: A build lock older than this was left by a build that died (a build takes ~20 s).
+#: A build lock older than this was left by a build that died (a build takes ~25 s).
 STALE_LOCK_S = 600
 #: -O3: GCC vectorises the batch-norm kernel's loops over features only from -O3 on.
 CFLAGS = ["-O3"]
@@ -147,7 +147,7 @@ def _compile() -> ModuleType:
         os.replace(partial, source)
     _remove_stale_lock(folder / "lock")
     if not (folder / "seqtest_loops.so").exists():  # (a run's log says so once, not always)
-        log.info("building the compiled BPTT loops in %s (once, ~20 s)", folder)
+        log.info("building the compiled BPTT loops in %s (once, ~25 s)", folder)
     return cpp_extension.load(
         name="seqtest_loops",
         sources=[str(source)],
