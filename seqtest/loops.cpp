@@ -5,11 +5,11 @@
 // the same ATen kernels, called in the same order on buffers laid out the same way, so the
 // results are bit-identical (tests/test_native.py), with one exception: the BN-LSTM's
 // recurrent batch norms run our own kernel (below), whose sums round differently from
-// PyTorch's (tested against it to 1e-5 in float32, 1e-12 in float64). What changes is the
-// cost of issuing them: up to about 24 small kernels per time step, plus a Python object for every
+// PyTorch's (it is tested against a float64 computation). What changes is the cost of
+// issuing them: up to about 24 small kernels per time step, plus a Python object for every
 // per-step view, which from Python cost more than the arithmetic at the sizes a testbed
-// trains. Everything outside the loops (the input products, the weight gradients summed over
-// all steps at once) stays in Python.
+// trains. Everything outside the loops (the input products, the weight gradients summed
+// over all steps at once) stays in Python.
 //
 // Normalised LSTM: the per-step buffers and statistics stay in C++ (a Tape) between the two
 // passes. A normalisation arrives as the tuple (is_layer_norm, weight, bias or None, eps,
@@ -38,14 +38,17 @@ namespace {
 // Batch norm of one [B, F] time step, in our own kernel. PyTorch's CPU batch norm is written
 // for images ([N, C, H, W]); on a BN-LSTM's steps its setup costs as much as its arithmetic,
 // and the recurrent normalisations call it, forward and backward, twice per time step.
-// Measured on 2 cores, forward and backward together, against PyTorch's: 0.47x at [64, 128]
-// and [32, 256], 0.69x at [64, 512], 0.86x at [128, 256] (docs/performance.md).
+// Measured on 2 cores, forward and backward together, against PyTorch's: 0.44-0.48x at
+// [64, 128] and [32, 256], 0.69-0.85x at [64, 512], 0.77-0.86x at [128, 256]
+// (docs/performance.md).
 //
 // The same arithmetic as PyTorch's: statistics over the batch, the biased variance in the
-// normalisation and the unbiased one in the running estimate, sums in the input's precision
-// (as PyTorch's CPU kernels). Float and double tensors on the CPU, contiguous, at most 64 K
-// numbers unless torch runs on one thread; anything else goes to PyTorch's kernel, which
-// splits the features over threads: at [128, 1024] on 2 threads it was 1.5x faster.
+// normalisation and the unbiased one in the running estimate. The sums run in the input's
+// precision; every result stays within 1e-5 of its scale in float32 against a float64
+// computation (tests/test_native.py). Float and double tensors on the CPU, contiguous, at
+// most 64 K numbers unless torch runs on one thread; anything else goes to PyTorch's
+// kernel, which splits the features over threads: at [128, 1024] on 2 threads it was 1.5x
+// faster.
 
 bool own_batch_norm(const Tensor& x, const Tensor& weight) {
   return x.is_cpu() && x.dim() == 2 && x.is_contiguous() && x.size(0) > 1 &&
@@ -57,8 +60,9 @@ bool own_batch_norm(const Tensor& x, const Tensor& weight) {
 // The forward pass over plain pointers marked unaliased, so that the compiler vectorises the
 // loops over features; `scale` has room for F numbers.
 template <typename T>
-void batch_norm_forward_kernel(const T* __restrict__ x, T* __restrict__ y, T* __restrict__ mean,
-                               T* __restrict__ rstd, T* __restrict__ running_mean,
+void batch_norm_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
+                               T* __restrict__ mean, T* __restrict__ rstd,
+                               T* __restrict__ running_mean,
                                T* __restrict__ running_var, const T* __restrict__ weight,
                                const T* __restrict__ bias, T* __restrict__ scale, int64_t B,
                                int64_t F, T momentum, T eps) {
@@ -126,7 +130,9 @@ void batch_norm_backward_kernel(const T* __restrict__ grad, const T* __restrict_
     const T* __restrict__ row = x + r * F;
     const T* __restrict__ row_grad = grad + r * F;
     T* __restrict__ out = dx + r * F;
-    for (int64_t f = 0; f < F; ++f) out[f] = a[f] * row_grad[f] + c[f] * (row[f] - mean[f]) + e[f];
+    for (int64_t f = 0; f < F; ++f) {
+      out[f] = a[f] * row_grad[f] + c[f] * (row[f] - mean[f]) + e[f];
+    }
   }
 }
 
