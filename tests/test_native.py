@@ -204,6 +204,33 @@ def test_the_batch_norm_kernel_leaves_what_it_does_not_cover_to_pytorch():
 
 
 @needs_toolchain
+@pytest.mark.parametrize("forward_threads,backward_threads", [(1, 2), (2, 1)])
+def test_either_kernels_statistics_serve_the_others_backward(forward_threads, backward_threads):
+    """Which kernel runs is decided per call (by size and thread count), so a forward pass by
+    one and a backward pass by the other must agree: both save the batch mean and the
+    inverse std. A [256, 512] step runs ours on one thread and PyTorch's on two."""
+    compiled = native.loops()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 512, generator=generator) + 2
+    grad, weight, bias = torch.randn(256, 512, generator=generator), torch.rand(512), None
+    estimates = [torch.zeros(512), torch.ones(512)]
+    expected = float64_batch_norm(x, weight, bias, *estimates, grad)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(forward_threads)
+        assert compiled.own_batch_norm(x, weight) == (forward_threads == 1)
+        y, mean, rstd = compiled.batch_norm_forward(x, weight, bias, *estimates, 0.1, 1e-5)
+        torch.set_num_threads(backward_threads)
+        assert compiled.own_batch_norm(x, weight) == (backward_threads == 1)
+        grads = compiled.batch_norm_backward(grad, x, weight, mean, rstd, 1e-5, False)
+    finally:
+        torch.set_num_threads(threads)
+    for ours, theirs in zip([y, mean, rstd, *grads[:2]], expected[:5], strict=True):
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    assert grads[2] is None
+
+
+@needs_toolchain
 def test_the_compiled_loops_are_what_training_uses_by_default(monkeypatch):
     """Unset SEQTEST_NATIVE means "auto": the training pass of a vanilla RNN, a GRU and a
     normalised LSTM calls the compiled loops; "off" never calls them."""
