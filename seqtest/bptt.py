@@ -54,7 +54,7 @@ compares with both. N_h's and N_c's parameter gradients are summed step by step.
 built on first use by `seqtest.native`), line by line the same kernels in the same order;
 the normalised LSTM keeps its per-step buffers and statistics in C++ between the passes.
 The one change is the BN-LSTM's per-step batch norm, which there runs a kernel of ours
-instead of PyTorch's (on these [B, F] shapes PyTorch's costs about twice as much; ours
+instead of PyTorch's (on these [B, F] shapes PyTorch's costs up to twice as much; ours
 agrees with it to rounding). Training runs those where they could be built, bit-identically
 (tested; the BN-LSTM to rounding), and the Python loops here otherwise. At these sizes
 the small kernels of a time step cost about as much to issue from Python as to run:

@@ -13,7 +13,7 @@ between the two in one process, the compiled loops took 0.68-0.80x (RNN), 0.60x 
 What: `loops.cpp` calls the same ATen kernels in the same order on the same buffers as the
 Python loops, so the results are bit-identical (tests/test_native.py); only the cost of
 issuing the calls changes. The one exception is the BN-LSTM's per-step batch norm, our own
-kernel there (PyTorch's, written for images, costs about twice as much on these shapes):
+kernel there (PyTorch's, written for images, costs up to twice as much on these shapes):
 it agrees with PyTorch's to rounding, checked against a float64 computation.
 
 It is compiled with `torch.utils.cpp_extension` the first time one of these cells trains

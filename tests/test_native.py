@@ -290,8 +290,9 @@ def test_an_unknown_choice_names_the_variable_and_the_allowed_values(monkeypatch
         native.loops()
 
 
-def test_the_build_folder_is_keyed_by_the_source_text(tmp_path, monkeypatch):
-    """Installs with the same source share one build; a changed source builds anew."""
+def test_the_build_folder_is_keyed_by_the_source_text_and_flags(tmp_path, monkeypatch):
+    """Installs with the same source share one build; a changed source or compiler flags
+    build anew."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     source = tmp_path / "loops.cpp"
     source.write_text("// one")
@@ -299,7 +300,10 @@ def test_the_build_folder_is_keyed_by_the_source_text(tmp_path, monkeypatch):
     first = native.build_directory()
     assert first.parent == tmp_path and first == native.build_directory()
     source.write_text("// two")
-    assert native.build_directory() != first
+    second = native.build_directory()
+    assert second != first
+    monkeypatch.setattr(native, "CFLAGS", ["-O2"])  # other flags: another build
+    assert native.build_directory() not in (first, second)
 
 
 def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
