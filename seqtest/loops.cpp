@@ -58,7 +58,7 @@ bool own_batch_norm(const Tensor& x, const Tensor& weight) {
 }
 
 // The forward pass over plain pointers marked unaliased, so that the compiler vectorises the
-// loops over features; `scale` has room for F numbers.
+// loops over features; `scale` has room for F numbers, `bias` may be null.
 template <typename T>
 void batch_norm_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
                                T* __restrict__ mean, T* __restrict__ rstd,
@@ -93,7 +93,11 @@ void batch_norm_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
   for (int64_t r = 0; r < B; ++r) {
     const T* __restrict__ row = x + r * F;
     T* __restrict__ out = y + r * F;
-    for (int64_t f = 0; f < F; ++f) out[f] = (row[f] - mean[f]) * scale[f] + bias[f];
+    if (bias) {
+      for (int64_t f = 0; f < F; ++f) out[f] = (row[f] - mean[f]) * scale[f] + bias[f];
+    } else {
+      for (int64_t f = 0; f < F; ++f) out[f] = (row[f] - mean[f]) * scale[f];
+    }
   }
 }
 
@@ -151,15 +155,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& x, const Ten
   Tensor y = at::empty_like(x);
   Tensor mean = at::empty({F}, x.options()), rstd = at::empty({F}, x.options());
   const Tensor w = weight.contiguous();
-  const Tensor b = bias.has_value() ? bias->contiguous() : at::zeros_like(w);
+  const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqtest_batch_norm_forward", [&] {
     std::vector<scalar_t> scale(F);
     batch_norm_forward_kernel<scalar_t>(
         x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
         mean.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<scalar_t>(),
         running_mean.mutable_data_ptr<scalar_t>(), running_var.mutable_data_ptr<scalar_t>(),
-        w.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), scale.data(), B, F,
-        static_cast<scalar_t>(momentum), static_cast<scalar_t>(eps));
+        w.const_data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+        scale.data(), B, F, static_cast<scalar_t>(momentum), static_cast<scalar_t>(eps));
   });
   return {y, mean, rstd};
 }
