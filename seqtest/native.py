@@ -25,7 +25,7 @@ other.
 ``SEQTEST_NATIVE`` chooses:
 
 * ``auto`` (unset): build and use them; where that fails, warn once with the reason and use
-  the Python loops (the same results, slower);
+  the Python loops (the same results, the BN-LSTM's to rounding; slower);
 * ``off``: the Python loops;
 * ``require``: build and use them, and stop with the build's error where that fails.
 """
@@ -108,8 +108,9 @@ def _build() -> dict[str, ModuleType | str]:
         reason = f"cannot build {SOURCE.name}: {missing}"
     if choice() == "auto":
         warnings.warn(
-            f"seqtest: the hand-written BPTT runs its Python loops (same results, slower: "
-            f"docs/performance.md); {reason}. SEQTEST_NATIVE=off silences this.",
+            f"seqtest: the hand-written BPTT runs its Python loops (the same results, the "
+            f"BN-LSTM's to rounding; slower: docs/performance.md); {reason}. "
+            f"SEQTEST_NATIVE=off silences this.",
             RuntimeWarning,
             stacklevel=3,
         )
