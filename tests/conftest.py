@@ -16,6 +16,14 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
+def restore_threads():
+    """For tests that change torch's thread count: the count set above, back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def make_cfg():
     """Compose the app's config with overrides, as the command line would."""
 

@@ -109,29 +109,25 @@ def test_capacity_records_compare_side_by_side_with_alone():
         bench._capacity_round("fft", 2, quick=True, seconds=0.1)
 
 
-def test_main_writes_json(tmp_path):
+def test_main_writes_json(tmp_path, restore_threads):
     path = tmp_path / "out.json"
-    threads = torch.get_num_threads()
-    try:
-        records = bench.main(
-            [
-                "--quick",
-                "--only",
-                "steps",
-                "--models",
-                "rnn",
-                "--grid",
-                "2,4,4",
-                "--rounds",
-                "1",
-                "--repeats",
-                "1",
-                "--json",
-                str(path),
-            ]  # fmt: skip
-        )
-    finally:
-        torch.set_num_threads(threads)
+    records = bench.main(
+        [
+            "--quick",
+            "--only",
+            "steps",
+            "--models",
+            "rnn",
+            "--grid",
+            "2,4,4",
+            "--rounds",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            str(path),
+        ]  # fmt: skip
+    )
     written = json.loads(path.read_text())
     assert [r["kind"] for r in written] == ["machine", "step"]
     assert written[1]["model"] == "rnn" and len(written) == len(records)

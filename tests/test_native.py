@@ -174,38 +174,36 @@ def test_the_batch_norm_kernel_matches_a_float64_computation(shape, with_bias, d
 
 
 @needs_toolchain
-def test_the_batch_norm_kernel_leaves_what_it_does_not_cover_to_pytorch():
+def test_the_batch_norm_kernel_leaves_what_it_does_not_cover_to_pytorch(restore_threads):
     """Large steps on several threads (PyTorch's kernel splits them over the threads and was
     measured faster), strided inputs and half precision run PyTorch's kernel: bit-identical
     to it."""
     compiled = native.loops()
     weight, bias = torch.rand(512) + 0.5, torch.randn(512)
     large, strided = torch.randn(256, 512), torch.randn(512, 8).t()  # [8, 512], strided
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        half = torch.ones(6, dtype=torch.bfloat16)
-        cases = [(large, weight, bias), (strided, weight, bias),
-                 (torch.randn(4, 6, dtype=torch.bfloat16), half, half)]  # fmt: skip
-        for x, w, b in cases:
-            assert not compiled.own_batch_norm(x, w)
-            grad = torch.randn_like(x)
-            ours_estimates = [torch.zeros_like(w), torch.ones_like(w)]
-            theirs_estimates = [e.clone() for e in ours_estimates]
-            ours = list(compiled.batch_norm_forward(x, w, b, *ours_estimates, 0.1, 1e-5))
-            ours += compiled.batch_norm_backward(grad, x, w, ours[1], ours[2], 1e-5, True)
-            theirs = pytorch_batch_norm(x, w, b, *theirs_estimates, grad)
-            for a, t in zip(ours + ours_estimates, theirs + theirs_estimates, strict=True):
-                assert torch.equal(a, t)
-        torch.set_num_threads(1)  # on one thread our kernel also runs the large step
-        assert compiled.own_batch_norm(large, weight)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    half = torch.ones(6, dtype=torch.bfloat16)
+    cases = [(large, weight, bias), (strided, weight, bias),
+             (torch.randn(4, 6, dtype=torch.bfloat16), half, half)]  # fmt: skip
+    for x, w, b in cases:
+        assert not compiled.own_batch_norm(x, w)
+        grad = torch.randn_like(x)
+        ours_estimates = [torch.zeros_like(w), torch.ones_like(w)]
+        theirs_estimates = [e.clone() for e in ours_estimates]
+        ours = list(compiled.batch_norm_forward(x, w, b, *ours_estimates, 0.1, 1e-5))
+        ours += compiled.batch_norm_backward(grad, x, w, ours[1], ours[2], 1e-5, True)
+        theirs = pytorch_batch_norm(x, w, b, *theirs_estimates, grad)
+        for a, t in zip(ours + ours_estimates, theirs + theirs_estimates, strict=True):
+            assert torch.equal(a, t)
+    torch.set_num_threads(1)  # on one thread our kernel also runs the large step
+    assert compiled.own_batch_norm(large, weight)
 
 
 @needs_toolchain
 @pytest.mark.parametrize("forward_threads,backward_threads", [(1, 2), (2, 1)])
-def test_either_kernels_statistics_serve_the_others_backward(forward_threads, backward_threads):
+def test_either_kernels_statistics_serve_the_others_backward(
+    forward_threads, backward_threads, restore_threads
+):
     """Which kernel runs is decided per call (by size and thread count), so a forward pass by
     one and a backward pass by the other must agree: both save the batch mean and the
     inverse std. A [256, 512] step runs ours on one thread and PyTorch's on two."""
@@ -215,16 +213,12 @@ def test_either_kernels_statistics_serve_the_others_backward(forward_threads, ba
     grad, weight, bias = torch.randn(256, 512, generator=generator), torch.rand(512), None
     estimates = [torch.zeros(512), torch.ones(512)]
     expected = float64_batch_norm(x, weight, bias, *estimates, grad)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(forward_threads)
-        assert compiled.own_batch_norm(x, weight) == (forward_threads == 1)
-        y, mean, rstd = compiled.batch_norm_forward(x, weight, bias, *estimates, 0.1, 1e-5)
-        torch.set_num_threads(backward_threads)
-        assert compiled.own_batch_norm(x, weight) == (backward_threads == 1)
-        grads = compiled.batch_norm_backward(grad, x, weight, mean, rstd, 1e-5, False)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(forward_threads)
+    assert compiled.own_batch_norm(x, weight) == (forward_threads == 1)
+    y, mean, rstd = compiled.batch_norm_forward(x, weight, bias, *estimates, 0.1, 1e-5)
+    torch.set_num_threads(backward_threads)
+    assert compiled.own_batch_norm(x, weight) == (backward_threads == 1)
+    grads = compiled.batch_norm_backward(grad, x, weight, mean, rstd, 1e-5, False)
     for ours, theirs in zip([y, mean, rstd, *grads[:2]], expected[:5], strict=True):
         assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
     assert grads[2] is None

@@ -159,16 +159,15 @@ def test_sigterm_checkpoints_and_a_rerun_finishes_the_job(tmp_path):
     assert final["status"] in ("solved", "unsolved") and final["steps"] == summary["steps"] + 20
 
 
-def test_one_or_two_threads_give_the_same_losses_to_float_precision(make_cfg, tmp_path):
+def test_one_or_two_threads_give_the_same_losses_to_float_precision(
+    make_cfg, tmp_path, restore_threads
+):
     """Run to run with the same thread count the losses are bitwise equal (tested above);
     across thread counts the kernels order their float32 sums differently, so the losses
     agree to rounding, not bit for bit."""
     losses = {}
-    try:
-        for threads in (1, 2):
-            cfg = _cfg(make_cfg, "model=lstm", f"threads={threads}", *NO_PROBE)
-            run(cfg, tmp_path / str(threads))
-            losses[threads] = [r["val_loss"] for r in read_metrics(tmp_path / str(threads))]
-    finally:
-        torch.set_num_threads(1)
+    for threads in (1, 2):
+        cfg = _cfg(make_cfg, "model=lstm", f"threads={threads}", *NO_PROBE)
+        run(cfg, tmp_path / str(threads))
+        losses[threads] = [r["val_loss"] for r in read_metrics(tmp_path / str(threads))]
     assert losses[1] == pytest.approx(losses[2], rel=1e-5)
