@@ -7,22 +7,26 @@ the allocator settings.
     python -m seqtest.bench --only steps --models lstm bn_lstm --grid 64,200,128
     python -m seqtest.bench --device cuda           # the training steps on a GPU
 
-Four measurements, each a list of records (``kind`` tells them apart):
+Five measurements, each a list of records (``kind`` tells them apart):
 
 * ``step``: seqtest's whole training step (`seqtest.train.train_step`: task.sample, model,
-  task.loss, backward, `clip_gradients`, Adam step) against a bare PyTorch reference written
-  here with no seqtest code (adding-problem batch, ``nn.RNN/LSTM/GRU`` + ``nn.Linear`` on the
-  last step, MSE, ``clip_grad_norm_``, Adam). Variants without a fused kernel are compared
-  with the best hand-written loop (see `REFERENCES`); the record also carries the target's own
-  denominator (``target_ms``). For the normalised LSTMs the same rounds also time
-  PyTorch's normalisation kernels alone (`normalisation_kernels_step`):
-  ``loop_plus_norms_ratio`` = (loop + those kernels) / loop, what the loop would cost with
-  the normalisations added and nothing else. A step-by-step implementation built on those
-  kernels can beat it only by doing the rest of the step faster than that Python loop (as
-  seqtest's compiled loops do, `seqtest.native`; every record's ``loops`` says whether they
-  ran: "compiled", "off" or why the build failed). Timed interleaved on ``--threads`` torch
-  threads, seqtest / reference, then reference / seqtest, and so on: the medians of the
-  rounds, their ratio, and the median of each round's ratio (``paired_ratio``).
+  task.loss, backward, `clip_gradients`, the optimiser step of a run: Adam on PyTorch's
+  fused kernel) against a bare PyTorch reference written here with no seqtest code
+  (adding-problem batch, ``nn.RNN/LSTM/GRU`` + ``nn.Linear`` on the last step, MSE,
+  ``clip_grad_norm_``, ``torch.optim.Adam`` as PyTorch builds it by default). Variants
+  without a fused kernel are compared with the best hand-written loop (see `REFERENCES`);
+  the record also carries the target's own denominator (``target_ms``). For the
+  normalised LSTMs the same rounds also time PyTorch's normalisation kernels alone
+  (`normalisation_kernels_step`): ``loop_plus_norms_ratio`` = (loop + those kernels) /
+  loop, what the loop would cost with the normalisations added and nothing else. A
+  step-by-step implementation built on those kernels can beat it only by doing the rest of
+  the step faster than that Python loop (as seqtest's compiled loops do, `seqtest.native`;
+  every record's ``loops`` says whether they ran: "compiled", "off" or why the build
+  failed). Timed interleaved on ``--threads`` torch threads, seqtest / reference, then
+  reference / seqtest, and so on: the medians of the rounds, their ratio, and the median of
+  each round's ratio (``paired_ratio``).
+* ``optimizer``: the two optimisers' steps alone, over each model's parameters: how much of
+  a step record's ratio the fused Adam accounts for.
 * ``probe``: the gradient probes' share of a run's wall time at the default cadence
   (`seqtest.bench_probe.run_cost`).
 * ``parallel``: a sweep under ``hydra/launcher=joblib`` against the same jobs one after another
@@ -35,7 +39,8 @@ Four measurements, each a list of records (``kind`` tells them apart):
   those plus no mapped blocks at all (``SEQTEST_MALLOC=no_mmap``, opt-in).
 
 ``--device cuda`` runs the step comparison on a GPU (both sides; timings wait for the
-queued kernels). The other three measure the CPU and run only when asked for with ``--only``.
+queued kernels), and the optimiser steps with them. The other three measure the CPU and run
+only when asked for with ``--only``.
 
 The benchmark configures torch as a run does (`seqtest.run.configure_torch`): subnormals
 flushed and freed memory kept in the heap, for seqtest and the reference alike.
@@ -55,9 +60,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from importlib import resources
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from seqtest import allocator, native
@@ -93,7 +101,10 @@ REFERENCES: dict[str, tuple[str, tuple[str, ...], float]] = {
     "bn_lstm": ("LSTM loop", ("LSTM loop", "LSTM BPTT loop"), 1.2),
 }
 
-SECTIONS = ("steps", "probes", "parallel", "allocator")
+SECTIONS = ("steps", "optimizer", "probes", "parallel", "allocator")
+#: The bare reference's optimiser: ``torch.optim.Adam`` as PyTorch builds it by default (a loop
+#: of small ops per parameter tensor on the CPU). seqtest's runs use the fused kernel.
+REFERENCE_OPTIMIZER = "Adam"
 QUICK_GRID = [(64, 200, 128)]
 FULL_GRID = [(32, 100, 64), (64, 200, 128), (128, 400, 256)]
 LR = 1e-3
@@ -257,7 +268,7 @@ def reference_step(
     core = reference_core(name, 2, hidden).to(device)
     readout = nn.Linear(hidden, 1).to(device)
     parameters = [*core.parameters(), *readout.parameters()]
-    optimizer = torch.optim.Adam(parameters, lr=LR)
+    optimizer = torch.optim.Adam(parameters, lr=LR)  # PyTorch's default: REFERENCE_OPTIMIZER
     generator = torch.Generator(device).manual_seed(seed)
 
     def step() -> None:
@@ -314,6 +325,20 @@ def normalisation_kernels_step(
 # ---------------------------------------------------------------- seqtest's step
 
 
+def run_optimizer(parameters: Iterable[nn.Parameter], lr: float = LR) -> torch.optim.Optimizer:
+    """The optimiser a run builds by default (``optim: adam``, conf/optim/adam.yaml: Adam on
+    PyTorch's fused kernel), so that the benchmark times what a run does."""
+    node = OmegaConf.load(resources.files("seqtest.conf").joinpath("optim", "adam.yaml"))
+    node.lr = lr
+    return instantiate(node)(parameters)
+
+
+def describe(optimizer: torch.optim.Optimizer) -> str:
+    """The optimiser's class and kernel for the records: "Adam" or "Adam(fused)"."""
+    name = type(optimizer).__name__
+    return f"{name}(fused)" if optimizer.defaults.get("fused") else name
+
+
 def seqtest_step(
     model: str, batch: int, length: int, hidden: int, seed: int = 0, device: str = "cpu"
 ) -> Callable:
@@ -325,10 +350,15 @@ def seqtest_step(
     net = build_model(config, task.input_size, task.output_size, task.seq_len).to(device)
     net.train()
     parameters = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(net.parameters(), lr=LR)
+    optimizer = run_optimizer(net.parameters())
     train_config = TrainConfig(batch_size=batch, clip=CLIP, progress=False)
     generator = torch.Generator(device).manual_seed(seed)
-    return lambda: train_step(net, task, optimizer, parameters, train_config, generator)
+
+    def step() -> None:
+        train_step(net, task, optimizer, parameters, train_config, generator)
+
+    step.optimizer = describe(optimizer)
+    return step
 
 
 # ---------------------------------------------------------------- timing
@@ -443,6 +473,10 @@ def step_records(
                 "paired_ratio": paired_ratio(times, "seqtest", reference),
                 "target_paired_ratio": paired_ratio(times, "seqtest", target_of),
                 "target": limit,
+                # the optimisers: the run's default (fused Adam) against PyTorch's default Adam
+                # (their cost alone: `optimizer_records`)
+                "seqtest_optimizer": steps["seqtest"].optimizer,
+                "reference_optimizer": REFERENCE_OPTIMIZER,
                 "candidates_ms": {name: 1000 * medians[name] for name in candidates},
                 "rounds": rounds,
                 "steps_per_round": n,
@@ -470,6 +504,72 @@ def step_records(
                     f"target <= {limit}){with_norms}"
                 )
     return records
+
+
+# ---------------------------------------------------------------- the optimiser alone
+
+
+def optimizer_records(
+    models: Iterable[str],
+    hidden_sizes: Iterable[int],
+    rounds: int = 5,
+    budget_s: float = 0.2,
+    log: Callable[[str], None] | None = None,
+    device: str = "cpu",
+) -> list[dict]:
+    """The optimiser step alone, over the parameters of each model at each hidden size: the
+    run's default (`run_optimizer`) against PyTorch's default Adam (the reference's), timed
+    interleaved. Their difference is part of every step record's ``ratio``; this shows how
+    much. One record per pair: ``model``, ``H``, ``parameters``, ``seqtest_optimizer`` /
+    ``reference_optimizer``, ``seqtest_us`` / ``reference_us`` (medians), ``ratio``,
+    ``paired_ratio`` and ``saved_us``."""
+    task = AddingTask(length=2)
+    records = []
+    for H in hidden_sizes:
+        for model in models:
+            steps, count = {}, 0
+            for name, make in (("seqtest", run_optimizer), ("reference", _reference_adam)):
+                torch.manual_seed(0)
+                config = ModelConfig(hidden_size=H, name=model, **MODELS[model])
+                net = build_model(config, task.input_size, task.output_size, task.seq_len)
+                parameters = [p for p in net.to(device).parameters() if p.requires_grad]
+                for parameter in parameters:
+                    parameter.grad = torch.randn_like(parameter)
+                optimizer = make(parameters)
+                steps[name] = optimizer.step
+                count = sum(p.numel() for p in parameters)
+            times = interleaved(steps, rounds, _repeats_for(steps["reference"], budget_s))
+            seqtest_us = 1e6 * statistics.median(times["seqtest"])
+            reference_us = 1e6 * statistics.median(times["reference"])
+            record = {
+                "kind": "optimizer",
+                "model": model,
+                "H": H,
+                "parameters": count,
+                "seqtest_optimizer": describe(steps["seqtest"].__self__),
+                "reference_optimizer": REFERENCE_OPTIMIZER,
+                "seqtest_us": seqtest_us,
+                "reference_us": reference_us,
+                "ratio": seqtest_us / reference_us,
+                "paired_ratio": paired_ratio(times, "seqtest", "reference"),
+                "saved_us": reference_us - seqtest_us,
+                "rounds": rounds,
+                "threads": torch.get_num_threads(),
+                "device": device,
+            }
+            records.append(record)
+            if log:
+                log(
+                    f"optimizer {model:12s} H={H:<4d} {record['seqtest_optimizer']} "
+                    f"{seqtest_us:7.1f} us  {REFERENCE_OPTIMIZER} {reference_us:7.1f} us  "
+                    f"ratio {record['ratio']:.3f} (paired {record['paired_ratio']:.3f}), "
+                    f"{record['saved_us']:.0f} us saved per step"
+                )
+    return records
+
+
+def _reference_adam(parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(parameters, lr=LR)
 
 
 # ---------------------------------------------------------------- probes
@@ -859,13 +959,13 @@ def main(argv=None) -> list[dict]:
     )  # fmt: skip
     parser.add_argument(
         "--only", nargs="+", choices=SECTIONS,
-        help="which measurements (default: all four on the CPU, steps on cuda)",
+        help="which measurements (default: all five on the CPU, steps and optimizer on cuda)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here (allowed: cpu, cuda)")
     if args.only is None:
-        args.only = ("steps",) if args.device == "cuda" else SECTIONS
+        args.only = ("steps", "optimizer") if args.device == "cuda" else SECTIONS
     configure_torch(args.threads)  # as a run: flush subnormals, keep freed memory
     quick = args.quick
     grid = args.grid or (QUICK_GRID if quick else FULL_GRID)
@@ -881,6 +981,10 @@ def main(argv=None) -> list[dict]:
         records += step_records(
             args.models, grid, rounds, budget, args.repeats, log=log, device=args.device
         )
+    if "optimizer" in args.only:
+        hidden_sizes = sorted({H for _, _, H in grid})
+        records += optimizer_records(args.models, hidden_sizes, rounds, log=log,
+                                     device=args.device)  # fmt: skip
     if "probes" in args.only:
         if quick:
             records += probe_records(["lstm"], length=50, steps=300, hidden=64, log=log)

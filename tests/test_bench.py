@@ -8,8 +8,10 @@ import platform
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from seqtest import bench, native
+from seqtest.models import ModelConfig, build_model, count_parameters
 
 STEP_FIELDS = {
     "kind": str, "model": str, "B": int, "T": int, "H": int, "seqtest_ms": float,
@@ -40,6 +42,33 @@ def test_step_records_schema(tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(records))
     assert json.loads(path.read_text()) == records
+
+
+def test_the_seqtest_side_uses_the_optimiser_a_run_builds(make_cfg):
+    """The benchmark times the run's default optimiser (fused Adam, conf/optim/adam.yaml),
+    the reference PyTorch's default Adam; both show in the step records."""
+    parameters = list(torch.nn.Linear(2, 2).parameters())
+    run = instantiate(make_cfg().optim)(parameters)
+    assert bench.describe(bench.run_optimizer(parameters)) == bench.describe(run) == "Adam(fused)"
+    step = bench.seqtest_step("lstm", 2, 3, 4)
+    assert step.optimizer == "Adam(fused)"
+    (record,) = bench.step_records(["lstm"], [(2, 3, 4)], rounds=1, repeats=1)
+    assert (record["seqtest_optimizer"], record["reference_optimizer"]) == ("Adam(fused)", "Adam")
+
+
+def test_optimizer_records_time_both_optimisers_over_the_models_parameters():
+    records = bench.optimizer_records(["rnn", "ln_lstm"], [8], rounds=1, budget_s=0.01)
+    assert [(r["kind"], r["model"], r["H"]) for r in records] == [
+        ("optimizer", "rnn", 8), ("optimizer", "ln_lstm", 8)
+    ]  # fmt: skip
+    for record in records:
+        config = ModelConfig(hidden_size=8, **bench.MODELS[record["model"]])
+        assert record["parameters"] == count_parameters(build_model(config, 2, 1, seq_len=2))
+        assert record["seqtest_optimizer"] == "Adam(fused)"
+        assert record["reference_optimizer"] == "Adam"
+        assert record["ratio"] == pytest.approx(record["seqtest_us"] / record["reference_us"])
+        assert record["saved_us"] == pytest.approx(record["reference_us"] - record["seqtest_us"])
+        assert record["paired_ratio"] > 0
 
 
 def test_rounds_alternate_their_order_and_time_every_closure_each_round():
@@ -116,6 +145,7 @@ def test_main_writes_json(tmp_path, restore_threads):
             "--quick",
             "--only",
             "steps",
+            "optimizer",
             "--models",
             "rnn",
             "--grid",
@@ -129,7 +159,7 @@ def test_main_writes_json(tmp_path, restore_threads):
         ]  # fmt: skip
     )
     written = json.loads(path.read_text())
-    assert [r["kind"] for r in written] == ["machine", "step"]
+    assert [r["kind"] for r in written] == ["machine", "step", "optimizer"]
     assert written[1]["model"] == "rnn" and len(written) == len(records)
     assert written[0]["device"] == written[1]["device"] == "cpu"
 
