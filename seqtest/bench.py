@@ -260,6 +260,12 @@ def reference_core(name: str, input_size: int, hidden: int) -> nn.Module:
     return loops[name](input_size, hidden)
 
 
+def reference_optimizer(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The reference's optimiser, `REFERENCE_OPTIMIZER`: ``torch.optim.Adam`` as PyTorch
+    builds it by default."""
+    return torch.optim.Adam(parameters, lr=LR)
+
+
 def reference_step(
     name: str, batch: int, length: int, hidden: int, seed: int = 0, device: str = "cpu"
 ) -> Callable:
@@ -268,7 +274,7 @@ def reference_step(
     core = reference_core(name, 2, hidden).to(device)
     readout = nn.Linear(hidden, 1).to(device)
     parameters = [*core.parameters(), *readout.parameters()]
-    optimizer = torch.optim.Adam(parameters, lr=LR)  # PyTorch's default: REFERENCE_OPTIMIZER
+    optimizer = reference_optimizer(parameters)
     generator = torch.Generator(device).manual_seed(seed)
 
     def step() -> None:
@@ -528,7 +534,7 @@ def optimizer_records(
     for H in hidden_sizes:
         for model in models:
             steps, count = {}, 0
-            for name, make in (("seqtest", run_optimizer), ("reference", _reference_adam)):
+            for name, make in (("seqtest", run_optimizer), ("reference", reference_optimizer)):
                 torch.manual_seed(0)
                 config = ModelConfig(hidden_size=H, name=model, **MODELS[model])
                 net = build_model(config, task.input_size, task.output_size, task.seq_len)
@@ -566,10 +572,6 @@ def optimizer_records(
                     f"{record['saved_us']:.0f} us saved per step"
                 )
     return records
-
-
-def _reference_adam(parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.Adam(parameters, lr=LR)
 
 
 # ---------------------------------------------------------------- probes
