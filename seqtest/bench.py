@@ -588,11 +588,17 @@ def probe_records(cells: Iterable[str], length: int, steps: int, hidden: int, lo
         record |= {key: value for key, value in cost.items() if key != "cell"}
         record["target"] = 0.05
         records.append(record)
+        with_probes, without = (
+            "/".join(f"{wall:.0f}" for wall in cost["walls_s"][key])
+            for key in ("with_probes", "without")
+        )
         if log:
             log(
                 f"probes {cell:5s} T={length} H={hidden} steps={steps}: "
-                f"{100 * cost['probe_share']:.1f}% of the run by their own time, "
-                f"{100 * cost['difference_share']:.1f}% by the difference (target <= 5%)"
+                f"{100 * cost['probe_share']:.1f}% of the run by their own time (target "
+                f"<= 5%); {100 * cost['difference_share']:.1f}% by the difference of the mean "
+                f"wall times with and without them (runs {with_probes} s with, "
+                f"{without} s without)"
             )
     return records
 
@@ -991,7 +997,9 @@ def main(argv=None) -> list[dict]:
         if quick:
             records += probe_records(["lstm"], length=50, steps=300, hidden=64, log=log)
         else:
-            records += probe_records(["rnn", "lstm", "gru"], 200, 3000, 128, log=log)
+            # 1500 steps: four probes (at 0, 500, 1000, 1500), a larger share than the seven
+            # of a default 3000-step run, in half its time; four runs per cell (`run_cost`)
+            records += probe_records(["rnn", "lstm", "gru"], 200, 1500, 128, log=log)
     if "parallel" in args.only:
         records += capacity_records(quick, rounds=1 if quick else 3, log=log)
         records += parallel_records(quick, rounds=1 if quick else 2, log=log)

@@ -5,10 +5,10 @@ probes cost a real training run.
     python -m seqtest.bench_probe --half-lives --length 100
     python -m seqtest.bench_probe --run-cost --cells rnn lstm gru --length 100 --steps 1000
 
-``--run-cost`` trains each cell twice in this process with the default probe cadence
-(analysis.every = 500), once with the probes and once without, interleaved, and prints the
-probes' share of the run's wall time, measured both ways: the probes' own time over the
-run's time, and the difference of the two runs' wall times.
+``--run-cost`` trains each cell four times in this process with the default probe cadence
+(analysis.every = 500), with the probes, twice without, with again (`RUN_ORDER`), and prints
+the probes' share of the run's wall time, measured both ways: the probes' own time over the
+run's time, and the difference of the mean wall times with and without them.
 
 Each timing is the best of ``--repeat`` probes after one warm-up probe, on one torch thread
 by default (``--threads``), with subnormals flushed as `seqtest.run` does.
@@ -17,6 +17,7 @@ by default (``--threads``), with subnormals flushed as `seqtest.run` does.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -57,8 +58,16 @@ def half_lives(hidden, length, batch, dtype, seed=0) -> dict[str, dict]:
     return out
 
 
+#: The order of `run_cost`'s runs, with probes (True) and without: A B B A, so that a drift
+#: of the machine's speed during the four runs that is linear in time cancels in the means.
+RUN_ORDER = (True, False, False, True)
+
+
 def run_cost(cell: str, length: int, steps: int, hidden: int, every: int = 500) -> dict:
-    """Train `cell` with and without probes; the probes' share of the wall time."""
+    """Train `cell` twice with and twice without probes, in the order `RUN_ORDER`; the
+    probes' share of the wall time, two ways: their own time over the run's (the direct
+    measure), and the difference of the mean wall times with and without them (a check that
+    nothing outside the probes' own timer costs time; it carries the machine's noise)."""
     import tempfile
 
     from hydra import compose, initialize_config_module
@@ -71,9 +80,16 @@ def run_cost(cell: str, length: int, steps: int, hidden: int, every: int = 500) 
         f"train.steps={steps}", "train.early_stop=false", "train.progress=false",
         f"analysis.every={every}", "analysis.plots=false",
     ]  # fmt: skip
-    times = {}
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    probe_times = []
     with initialize_config_module(config_module="seqtest.conf", version_base="1.3"):
-        for enabled in (True, False):
+        # untimed: what only a process's first run pays (the optimiser's first import of
+        # torch._dynamo, loading the compiled loops, first calls) would count for the first
+        # timed run alone
+        warm_up = [*overrides, "train.steps=2", "train.eval_every=1", "analysis.every=1"]
+        with tempfile.TemporaryDirectory() as folder:
+            run(compose("config", overrides=warm_up), folder)
+        for enabled in RUN_ORDER:
             cfg = compose("config", overrides=[*overrides, f"analysis.enabled={enabled}"])
             with tempfile.TemporaryDirectory() as folder:
                 summary = run(cfg, folder)
@@ -81,14 +97,18 @@ def run_cost(cell: str, length: int, steps: int, hidden: int, every: int = 500) 
                     # the run caught Ctrl-C or SIGTERM to stop cleanly; they were meant for
                     # the benchmark, which must not go on and time the next run
                     raise KeyboardInterrupt(f"stopped by {summary['interrupted_by']}")
-                probes = sum(r.get("probe_seconds") or 0.0 for r in read_metrics(folder))
-            times[enabled] = (summary["wall_time_s"], probes)
-    (with_probes, probe_time), (without, _) = times[True], times[False]
+                if enabled:
+                    probe_times.append(
+                        sum(r.get("probe_seconds") or 0.0 for r in read_metrics(folder))
+                    )
+            walls[enabled].append(summary["wall_time_s"])
+    with_probes, without = (statistics.mean(walls[enabled]) for enabled in (True, False))
     return {
         "cell": cell,
         "wall_with_probes_s": with_probes,
         "wall_without_s": without,
-        "probe_share": probe_time / with_probes,
+        "walls_s": {"with_probes": walls[True], "without": walls[False]},
+        "probe_share": statistics.mean(probe_times) / with_probes,
         "difference_share": (with_probes - without) / with_probes,
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,6 +246,33 @@ def test_the_target_of_the_normalised_lstms_is_the_faster_plain_loop():
     assert set(loops) == {"LSTM loop", "LSTM BPTT loop"}
     assert record["target_of"] == min(loops, key=loops.get)
     assert record["target_ms"] == min(loops.values())
+
+
+def test_the_probe_cost_cancels_a_drift_of_the_machine_speed(monkeypatch):
+    """Runs in the order with, without, without, with probes: fake runs that each take 10 s
+    longer than the one before (a machine slowing down) and 2 s more with the probes, whose
+    own timer says 2 s. The means give the probes' 2 s both ways; with one run each, the
+    difference would be -8 s."""
+    import seqtest.run
+    from seqtest.bench_probe import run_cost
+    from seqtest.results import METRICS_FILE, write_jsonl
+
+    calls = []
+
+    def drifting_run(cfg, folder):
+        enabled = bool(cfg.analysis.enabled)
+        wall = 100.0 + 10.0 * len(calls) + (2.0 if enabled else 0.0)
+        calls.append(enabled)
+        record = {"step": 0, "probe_seconds": 2.0 if enabled else None}
+        write_jsonl(Path(folder) / METRICS_FILE, [record])
+        return {"status": "finished", "wall_time_s": wall}
+
+    monkeypatch.setattr(seqtest.run, "run", drifting_run)
+    cost = run_cost("rnn", length=5, steps=10, hidden=4, every=10)
+    assert calls == [True, False, False, True]
+    assert cost["walls_s"] == {"with_probes": [102.0, 132.0], "without": [110.0, 120.0]}
+    assert cost["probe_share"] == pytest.approx(2.0 / 117.0)
+    assert cost["difference_share"] == pytest.approx(2.0 / 117.0)
 
 
 def test_a_stop_signal_caught_by_a_timed_run_stops_the_probe_benchmark(monkeypatch):
