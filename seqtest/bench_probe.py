@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -88,15 +89,11 @@ def run_cost(cell: str, length: int, steps: int, hidden: int, every: int = 500) 
         # timed run alone
         warm_up = [*overrides, "train.steps=2", "train.eval_every=1", "analysis.every=1"]
         with tempfile.TemporaryDirectory() as folder:
-            run(compose("config", overrides=warm_up), folder)
+            _run_or_stop(run, compose("config", overrides=warm_up), folder)
         for enabled in RUN_ORDER:
             cfg = compose("config", overrides=[*overrides, f"analysis.enabled={enabled}"])
             with tempfile.TemporaryDirectory() as folder:
-                summary = run(cfg, folder)
-                if summary["status"] == "interrupted":
-                    # the run caught Ctrl-C or SIGTERM to stop cleanly; they were meant for
-                    # the benchmark, which must not go on and time the next run
-                    raise KeyboardInterrupt(f"stopped by {summary['interrupted_by']}")
+                summary = _run_or_stop(run, cfg, folder)
                 if enabled:
                     probe_times.append(
                         sum(r.get("probe_seconds") or 0.0 for r in read_metrics(folder))
@@ -111,6 +108,15 @@ def run_cost(cell: str, length: int, steps: int, hidden: int, every: int = 500) 
         "probe_share": statistics.mean(probe_times) / with_probes,
         "difference_share": (with_probes - without) / with_probes,
     }
+
+
+def _run_or_stop(run: Callable[..., dict], cfg, folder: str) -> dict:
+    """`run(cfg, folder)`'s summary. A run catches Ctrl-C and SIGTERM to stop cleanly; here
+    they were meant for the benchmark, which must not go on and time the next run."""
+    summary = run(cfg, folder)
+    if summary["status"] == "interrupted":
+        raise KeyboardInterrupt(f"stopped by {summary['interrupted_by']}")
+    return summary
 
 
 def main(argv=None) -> None:

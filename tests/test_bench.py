@@ -249,10 +249,10 @@ def test_the_target_of_the_normalised_lstms_is_the_faster_plain_loop():
 
 
 def test_the_probe_cost_cancels_a_drift_of_the_machine_speed(monkeypatch):
-    """Runs in the order with, without, without, with probes: fake runs that each take 10 s
-    longer than the one before (a machine slowing down) and 2 s more with the probes, whose
-    own timer says 2 s. The means give the probes' 2 s both ways; with one run each, the
-    difference would be -8 s."""
+    """After an untimed warm-up run, runs in the order with, without, without, with probes:
+    fake runs that each take 10 s longer than the one before (a machine slowing down) and
+    2 s more with the probes, whose own timer says 2 s. The means give the probes' 2 s both
+    ways; with one run each, the difference would be -8 s."""
     import seqtest.run
     from seqtest.bench_probe import run_cost
     from seqtest.results import METRICS_FILE, write_jsonl
@@ -269,10 +269,10 @@ def test_the_probe_cost_cancels_a_drift_of_the_machine_speed(monkeypatch):
 
     monkeypatch.setattr(seqtest.run, "run", drifting_run)
     cost = run_cost("rnn", length=5, steps=10, hidden=4, every=10)
-    assert calls == [True, False, False, True]
-    assert cost["walls_s"] == {"with_probes": [102.0, 132.0], "without": [110.0, 120.0]}
-    assert cost["probe_share"] == pytest.approx(2.0 / 117.0)
-    assert cost["difference_share"] == pytest.approx(2.0 / 117.0)
+    assert calls == [True, True, False, False, True]  # the first: the warm-up
+    assert cost["walls_s"] == {"with_probes": [112.0, 142.0], "without": [120.0, 130.0]}
+    assert cost["probe_share"] == pytest.approx(2.0 / 127.0)
+    assert cost["difference_share"] == pytest.approx(2.0 / 127.0)
 
 
 def test_a_stop_signal_caught_by_a_timed_run_stops_the_probe_benchmark(monkeypatch):
@@ -290,4 +290,4 @@ def test_a_stop_signal_caught_by_a_timed_run_stops_the_probe_benchmark(monkeypat
     monkeypatch.setattr(seqtest.run, "run", interrupted_run)
     with pytest.raises(KeyboardInterrupt, match="SIGINT"):
         run_cost("rnn", length=5, steps=10, hidden=4, every=10)
-    assert calls == [True]  # the run without probes was never started
+    assert calls == [True]  # stopped at the warm-up: no timed run was started
