@@ -991,7 +991,8 @@ def main(argv=None) -> list[dict]:
         )
     if "optimizer" in args.only:
         hidden_sizes = sorted({H for _, _, H in grid})
-        records += optimizer_records(args.models, hidden_sizes, rounds, log=log,
+        records += optimizer_records(args.models, hidden_sizes, rounds,
+                                     budget_s=0.05 if quick else 0.2, log=log,
                                      device=args.device)  # fmt: skip
     if "probes" in args.only:
         if quick:
