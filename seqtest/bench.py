@@ -69,7 +69,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from seqtest import allocator, native
-from seqtest.models import ModelConfig, build_model
+from seqtest.models import ModelConfig, build_model, count_parameters
 from seqtest.run import configure_torch
 from seqtest.tasks.adding import AddingTask
 from seqtest.train import TrainConfig, train_step
@@ -345,15 +345,23 @@ def describe(optimizer: torch.optim.Optimizer) -> str:
     return f"{name}(fused)" if optimizer.defaults.get("fused") else name
 
 
+def seqtest_model(
+    model: str, hidden: int, length: int, seed: int = 0, device: str = "cpu"
+) -> tuple[AddingTask, nn.Module]:
+    """The adding task of `length` steps and seqtest's `model` (a key of `MODELS`) of
+    `hidden` units for it, initialised from `seed`, on `device`."""
+    task = AddingTask(length=length)
+    torch.manual_seed(seed)
+    config = ModelConfig(hidden_size=hidden, name=model, **MODELS[model])
+    return task, build_model(config, task.input_size, task.output_size, task.seq_len).to(device)
+
+
 def seqtest_step(
     model: str, batch: int, length: int, hidden: int, seed: int = 0, device: str = "cpu"
 ) -> Callable:
     """A closure running one step of seqtest's training loop (`seqtest.train.train_step`)
     on `device`."""
-    task = AddingTask(length=length)
-    torch.manual_seed(seed)
-    config = ModelConfig(hidden_size=hidden, name=model, **MODELS[model])
-    net = build_model(config, task.input_size, task.output_size, task.seq_len).to(device)
+    task, net = seqtest_model(model, hidden, length, seed, device)
     net.train()
     parameters = [p for p in net.parameters() if p.requires_grad]
     optimizer = run_optimizer(net.parameters())
@@ -529,21 +537,17 @@ def optimizer_records(
     much. One record per pair: ``model``, ``H``, ``parameters``, ``seqtest_optimizer`` /
     ``reference_optimizer``, ``seqtest_us`` / ``reference_us`` (medians), ``ratio``,
     ``paired_ratio`` and ``saved_us``."""
-    task = AddingTask(length=2)
     records = []
     for H in hidden_sizes:
         for model in models:
-            steps, count = {}, 0
+            optimizers = {}
             for name, make in (("seqtest", run_optimizer), ("reference", reference_optimizer)):
-                torch.manual_seed(0)
-                config = ModelConfig(hidden_size=H, name=model, **MODELS[model])
-                net = build_model(config, task.input_size, task.output_size, task.seq_len)
-                parameters = [p for p in net.to(device).parameters() if p.requires_grad]
+                _, net = seqtest_model(model, H, length=2, device=device)
+                parameters = [p for p in net.parameters() if p.requires_grad]
                 for parameter in parameters:
                     parameter.grad = torch.randn_like(parameter)
-                optimizer = make(parameters)
-                steps[name] = optimizer.step
-                count = sum(p.numel() for p in parameters)
+                optimizers[name] = make(parameters)
+            steps = {name: optimizer.step for name, optimizer in optimizers.items()}
             times = interleaved(steps, rounds, _repeats_for(steps["reference"], budget_s))
             seqtest_us = 1e6 * statistics.median(times["seqtest"])
             reference_us = 1e6 * statistics.median(times["reference"])
@@ -551,8 +555,8 @@ def optimizer_records(
                 "kind": "optimizer",
                 "model": model,
                 "H": H,
-                "parameters": count,
-                "seqtest_optimizer": describe(steps["seqtest"].__self__),
+                "parameters": count_parameters(net),
+                "seqtest_optimizer": describe(optimizers["seqtest"]),
                 "reference_optimizer": REFERENCE_OPTIMIZER,
                 "seqtest_us": seqtest_us,
                 "reference_us": reference_us,
