@@ -158,6 +158,8 @@ class Normalisation:
             d_x, d_weight, d_bias = aten.native_batch_norm_backward(
                 grad, x, self.weight, None, None, mean, rstd, True, self.eps, self.mask
             )
+        if self.bias is None:  # (CUDA's batch-norm backward returns one all the same)
+            d_bias = None
         if not grads:
             grads.extend((d_weight, d_bias))
         else:

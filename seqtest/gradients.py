@@ -336,11 +336,12 @@ def _lyapunov_by_autograd(
     k = min(k, D)
     if k == 0:
         return np.zeros(0)
+    # the same starting directions on every device: drawn on the CPU, then moved
     generator = torch.Generator().manual_seed(0)
     q0 = torch.linalg.qr(torch.randn(D, k, generator=generator, dtype=torch.float64))[0]
-    u = q0.T.expand(S, k, D).clone()
-    total = torch.zeros(S, k, dtype=torch.float64)
-    zeros = torch.zeros(S, H, dtype=torch.float64)
+    u = q0.T.expand(S, k, D).to(h.device, copy=True)
+    total = h.new_zeros(S, k)
+    zeros = h.new_zeros(S, H)
     with torch.enable_grad():
         for t in reversed(range(T)):
             h_prev = (h[t - 1] if t else zeros).clone().requires_grad_(True)
@@ -356,7 +357,7 @@ def _lyapunov_by_autograd(
             total += torch.diagonal(r, dim1=-2, dim2=-1).abs().log().clamp_min(LOG_FLOOR)
             u = q.transpose(1, 2)
     exponents = (total / T).mean(0)
-    return np.sort(exponents.numpy())[::-1].copy()
+    return np.sort(exponents.cpu().numpy())[::-1].copy()
 
 
 def weight_spectra(model: nn.Module, layer: int) -> tuple[np.ndarray, np.ndarray]:

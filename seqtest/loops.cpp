@@ -225,6 +225,7 @@ struct Normalisation {
       std::tie(d_x, d_weight, d_bias) =
           batch_norm_backward(grad, x, weight, mean, rstd, eps, bias.has_value());
     }
+    if (!bias.has_value()) d_bias = Tensor();  // (CUDA's batch-norm backward returns one)
     if (grads.empty()) {
       grads = {d_weight, d_bias};
     } else {
