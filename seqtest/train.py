@@ -115,15 +115,16 @@ def clip_gradients(
     `threshold`; `value` clamps every entry to [-threshold, threshold]; `none` (or a
     threshold of 0) only measures."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    # the multi-tensor ops `clip_grad_norm_` uses: one kernel for all the tensors on a GPU,
+    # where a loop launches one per tensor (on the CPU they run that loop themselves)
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     if mode == "none" or threshold <= 0:
         return norm, torch.zeros((), dtype=torch.bool, device=norm.device)
     if mode == "norm":  # the same scaling as torch.nn.utils.clip_grad_norm_
         scale = (threshold / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale)
+        torch._foreach_mul_(grads, scale)
         return norm, norm > threshold
-    largest = torch.stack([g.abs().max() for g in grads]).max()
+    largest = torch.stack(torch._foreach_norm(grads, math.inf)).max()  # the largest |entry|
     for g in grads:
         g.clamp_(-threshold, threshold)
     return norm, largest > threshold

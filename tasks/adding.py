@@ -89,18 +89,18 @@ class AddingTask(Task):
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         T, device = self.length, generator.device
-        rows = torch.arange(batch_size, device=device)
         values = torch.rand(batch_size, T, generator=generator, device=device)
         hochreiter = self.placement == "hochreiter"
         if hochreiter:
             values = 2 * values - 1
         first, second = marker_positions(self.placement, T, batch_size, generator)
-        markers = torch.zeros(batch_size, T, device=device)
-        markers[rows, first] = 1.0
-        markers[rows, second] = 1.0
+        marked = torch.stack([first, second], dim=1)  # [batch_size, 2]
+        # (scatter and gather: a few kernels on a GPU, where indexing with a Python number
+        # also copies that number to the device at every call)
+        markers = torch.zeros(batch_size, T, device=device).scatter_(1, marked, 1.0)
         x = torch.stack([values, markers], dim=-1)
         y = torch.zeros(batch_size, T, 1, device=device)
-        y[:, -1, 0] = values[rows, first] + values[rows, second]
+        y[:, -1, 0] = values.gather(1, marked).sum(1)
         if hochreiter:
             y[:, -1, 0] = 0.5 + y[:, -1, 0] / 4
         return Batch(x, y, self.scored_steps_mask(batch_size, device))
