@@ -947,6 +947,7 @@ def machine(device: str = "cpu") -> dict:
         "huge_pages": allocator.huge_pages_on(),
         "device": device,
         "gpu": gpu,
+        "tf32": torch.backends.cudnn.allow_tf32,  # (off, as in a run: `configure_torch`)
     }
 
 

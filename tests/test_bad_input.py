@@ -33,6 +33,7 @@ BAD_VALUES = [
     ("optim.lr=-0.1", "optim.lr=-0.1 is invalid: expected a positive number"),
     ("optim.lr=0", "optim.lr=0 is invalid: expected a positive number"),
     ("device=tpu", "device='tpu' is invalid: expected one of auto, cpu, cuda"),
+    ("tf32=maybe", "tf32='maybe' is invalid: expected true or false"),
     ("mode=serve", "mode='serve' is invalid: expected one of train, analyze"),
     ("analysis.dtype=float16", "analysis.dtype='float16' is invalid: expected one of"),
     ("analysis.every=150", "analysis.every=150 is invalid: expected a multiple of train.eval_"),

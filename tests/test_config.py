@@ -14,6 +14,7 @@ from seqtest.models import ModelConfig, build_model
 from seqtest.run import build_task
 from seqtest.tasks._base import registered_tasks
 from seqtest.train import TrainConfig
+from tests.conftest import TINY
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -100,3 +101,19 @@ def test_public_override_keys_exist(make_cfg):
         0.5, 3, 2, 1,
     )  # fmt: skip
     assert (cfg.train.clip, cfg.train.early_stop, cfg.seed, cfg.device) == (0, False, 4, "cpu")
+
+
+def test_tf32_rounding_is_off_unless_a_run_asks_for_it(make_cfg):
+    """A run turns TF32 off in cuDNN and in float32 matrix products, whatever it was before
+    (PyTorch's default lets cuDNN use it), and on with ``tf32=true``."""
+    from seqtest.run import Setup, configure_torch
+
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        Setup(make_cfg(*TINY))
+        assert not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+        Setup(make_cfg(*TINY, "tf32=true"))
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        configure_torch(torch.get_num_threads())
