@@ -95,8 +95,8 @@ class AddingTask(Task):
             values = 2 * values - 1
         first, second = marker_positions(self.placement, T, batch_size, generator)
         marked = torch.stack([first, second], dim=1)  # [batch_size, 2]
-        # (scatter and gather: a few kernels on a GPU, where indexing with a Python number
-        # also copies that number to the device at every call)
+        # (scatter and gather: indexing with a Python number would copy it to the device at
+        # every batch, a wait for the device on a GPU)
         markers = torch.zeros(batch_size, T, device=device).scatter_(1, marked, 1.0)
         x = torch.stack([values, markers], dim=-1)
         y = torch.zeros(batch_size, T, 1, device=device)

@@ -67,15 +67,15 @@ class MultiplicationTask(Task):
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         T, device = self.length, generator.device
-        rows = torch.arange(batch_size, device=device)
         values = torch.rand(batch_size, T, generator=generator, device=device)
         first, second = marker_positions(self.placement, T, batch_size, generator)
-        markers = torch.zeros(batch_size, T, device=device)
-        markers[rows, first] = 1.0
-        markers[rows, second] = 1.0
+        marked = torch.stack([first, second], dim=1)  # [batch_size, 2]
+        # (scatter and gather, as the adding problem: indexing with a Python number would
+        # copy it to the device at every batch, a wait for the device on a GPU)
+        markers = torch.zeros(batch_size, T, device=device).scatter_(1, marked, 1.0)
         x = torch.stack([values, markers], dim=-1)
         y = torch.zeros(batch_size, T, 1, device=device)
-        y[:, -1, 0] = values[rows, first] * values[rows, second]
+        y[:, -1, 0] = values.gather(1, marked).prod(1)
         return Batch(x, y, self.scored_steps_mask(batch_size, device))
 
     @property

@@ -112,7 +112,10 @@ class TemporalOrderTask(AccuracyTask):
         bits = torch.randint(0, 2, (batch_size, k), generator=generator, device=device)
         width = spans[0][1] - spans[0][0]
         offsets = torch.randint(0, width, (batch_size, k), generator=generator, device=device)
-        starts = torch.tensor([start for start, _ in spans], device=device)
+        # the windows' starts (`windows`) computed on the device: a tensor made from a list
+        # would be copied there at every batch, a wait for the device on a GPU
+        i = torch.arange(k, device=device)
+        starts = (T * (k + 8 * i)).div(10 * k, rounding_mode="floor")
         tokens.scatter_(1, starts + offsets, X + bits)
         weights = 2 ** torch.arange(k - 1, -1, -1, device=device)
         y = torch.zeros(batch_size, T, dtype=torch.long, device=device)
