@@ -170,3 +170,38 @@ def test_a_task_that_scores_outside_its_declared_steps_is_refused(make_cfg, tmp_
     with pytest.raises(ConfigError, match=r"'copying'.*scored_steps=slice\(-1, None, None\)"):
         run(cfg, tmp_path)
     assert not any(p.name != ".seqtest.lock" for p in tmp_path.iterdir())
+
+
+def test_the_training_loss_is_the_plain_mean_when_the_batch_has_the_shared_mask(monkeypatch):
+    """A batch whose mask is the task's shared `scored_steps_mask` is scored at every step the
+    model reads out, so `train_step` asks for the unweighted mean (mask None): the same loss
+    and gradients, bit for bit, as with the mask. A batch with a mask of its own (a copy here)
+    is weighted by it."""
+    task = AddingTask(length=12)
+    model = build_model(dict(cell="lstm", hidden_size=8), task.input_size, task.output_size)
+    seen = []
+    real_loss = task.loss
+    monkeypatch.setattr(
+        task, "loss", lambda o, y, mask=None: seen.append(mask) or real_loss(o, y, mask)
+    )
+    config = TrainConfig(steps=1, batch_size=4, progress=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    parameters = list(model.parameters())
+    train_step(model, task, optimizer, parameters, config, torch.Generator().manual_seed(0))
+    assert seen == [None]
+    real_sample = task.sample
+    monkeypatch.setattr(
+        task, "sample", lambda *a: real_sample(*a)._replace(mask=real_sample(*a).mask.clone())
+    )
+    train_step(model, task, optimizer, parameters, config, torch.Generator().manual_seed(0))
+    assert seen[1] is not None and seen[1].shape == (4, 1) and bool(seen[1].all())
+    for loss_task in (task, CopyingTask(length=5)):
+        batch = loss_task.sample(6, torch.Generator().manual_seed(1))
+        C = loss_task.output_size
+        output = torch.randn(6, loss_task.seq_len, C, requires_grad=True)
+        unweighted = real_loss if loss_task is task else loss_task.loss
+        plain = unweighted(output, batch.y, None)
+        (plain_grad,) = torch.autograd.grad(plain, output)
+        weighted = unweighted(output, batch.y, torch.ones_like(batch.mask))
+        (weighted_grad,) = torch.autograd.grad(weighted, output)
+        assert torch.equal(plain, weighted) and torch.equal(plain_grad, weighted_grad)
