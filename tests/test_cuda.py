@@ -159,8 +159,9 @@ def test_the_gradient_probe_on_cuda_matches_the_cpu(name):
     config = dict(hidden_size=8, num_layers=2, **MODELS[name])
     model = build_model(config, task.input_size, task.output_size, task.seq_len).double()
     batch = task.sample(16, torch.Generator().manual_seed(1))
-    on_cpu = probe(model, task, batch)
-    on_gpu = probe(copy.deepcopy(model).cuda(), task, Batch(*(t.cuda() for t in batch)))
+    on_cpu = probe(model, task, batch, dtype=torch.float64)
+    on_gpu_batch = Batch(*(t.cuda() for t in batch))
+    on_gpu = probe(copy.deepcopy(model).cuda(), task, on_gpu_batch, dtype=torch.float64)
     for key in (
         "h_grad",
         "x_grad",
