@@ -36,6 +36,12 @@ MODELS = {
     "bn_lstm": dict(cell="lstm", norm="batch", bn_max_steps=4),
     "mlp": dict(cell="mlp", activation="relu"),
 }
+#: The path each takes on a GPU (`RecurrentLayer.path`; the MLP has none).
+GPU_PATHS = {
+    "rnn": "fused", "rnn_relu": "fused", "rnn_sigmoid": "tanh_kernel", "rnn_layer_norm": "loop",
+    "rnn_batch_norm": "loop", "lstm": "fused", "gru": "fused", "ln_lstm": "bptt",
+    "bn_lstm": "bptt", "mlp": None,
+}  # fmt: skip
 #: The synthetic tasks (the image tasks read data sets and are left out).
 TASKS = [
     "adding", "copying", "associative_recall", "delayed_xor", "multiplication",
@@ -62,6 +68,8 @@ def test_every_training_path_on_cuda_matches_autograd_through_the_cpu_twin(name)
     on_gpu = model.cuda()
     x = torch.randn(5, T, 3, dtype=torch.float64)
     weights = torch.randn(5, T, 2, dtype=torch.float64)
+    paths = {layer.path(x.cuda()) for layer in getattr(on_gpu, "layers", [])}
+    assert paths == ({GPU_PATHS[name]} if GPU_PATHS[name] else set())
     out, grads = outputs_and_gradients(on_gpu, x.cuda(), weights.cuda())
     out_twin, grads_twin = outputs_and_gradients(twin, x, weights, unrolled=True)
     assert out.is_cuda

@@ -208,6 +208,28 @@ def test_hand_written_bptt_matches_the_fused_kernel_in_float32(cell):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
+def test_the_sigmoid_rnn_on_the_tanh_kernel_is_the_sigmoid_rnn():
+    """The GPU path of the sigmoid RNN (`sigmoid_rnn_on_tanh_kernel`, run here on PyTorch's
+    CPU tanh RNN) against the cell equations of the twin, in float64: outputs and the
+    gradients of the input and of every weight. On the CPU, training keeps the compiled
+    loop."""
+    from seqtest.models import sigmoid_rnn_on_tanh_kernel
+
+    layer = make("rnn", 1, activation="sigmoid").double().layers[0]
+    x = torch.randn(5, 9, 3, dtype=torch.float64, requires_grad=True)
+    weights = layer.weights()
+    out = sigmoid_rnn_on_tanh_kernel(x, *weights, training=True)
+    twin = torch.stack(layer.unroll(x)[0], dim=1)
+    assert torch.allclose(out, twin, rtol=1e-12, atol=1e-14)
+    scale = torch.randn_like(out)
+    grads = torch.autograd.grad((out * scale).sum(), [x, *weights])
+    grads_twin = torch.autograd.grad((twin * scale).sum(), [x, *weights])
+    for a, b in zip(grads, grads_twin, strict=True):
+        assert b.abs().max() > 0
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert layer.path(x) == "bptt"
+
+
 def test_the_gru_backward_refuses_a_second_pass_over_its_overwritten_buffers():
     """The GRU's backward writes its gradients over saved buffers; a second backward through
     the same graph would read them back as garbage, so it stops with an error instead."""
