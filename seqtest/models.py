@@ -7,10 +7,11 @@ layer or recurrent batch normalisation, depth and residual connections.
 
 Two forward paths share the same parameters:
 
-* ``forward(x)`` is the training path. Plain cells (tanh/relu RNN, LSTM, GRU, no
-  normalisation) run PyTorch's fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` kernels; the other
-  variants run their own step in a loop over the steps, with the input projection of all
-  steps computed in one matrix product first.
+* ``forward(x)`` is the training path, the fastest measured for each cell and device
+  (`RecurrentLayer.path`): PyTorch's fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` kernels, a
+  hand-written BPTT with compiled step loops (`seqtest.bptt`), cuDNN's tanh kernel for the
+  sigmoid RNN on a GPU, or a loop over the steps with the input projection of all steps
+  computed in one matrix product first.
 * ``forward_unrolled(x)`` runs the cell equations one step at a time and returns every
   per-step state that the next step consumes. The gradient of the loss with respect to those
   tensors is the *total* derivative dL/dh_t through the recurrence. (The gradient of the
@@ -349,8 +350,8 @@ class RecurrentLayer(nn.Module):
           needs two samples for batch statistics): the hand-written BPTT of `seqtest.bptt`;
           the plain LSTM keeps `nn.LSTM`, whose fused CPU kernel is faster than any loop;
         * "fused": otherwise, cells PyTorch's kernels compute exactly (no autograd graph to
-          build in evaluation, so the kernel is the fastest there), and on GPUs always: there
-          cuDNN fuses the whole sequence, and the hand-written paths were measured on CPU only;
+          build in evaluation, so the kernel is the fastest there), and on GPUs always for
+          them: there cuDNN fuses the whole sequence;
         * "tanh_kernel": the sigmoid RNN on a GPU, as the tanh RNN it is in disguise
           (`sigmoid_rnn_on_tanh_kernel`): cuDNN's kernel instead of a loop that launches
           kernels step by step (4-15x the tanh RNN's step time on an H200);
