@@ -34,6 +34,14 @@ def make_cfg():
     return _make
 
 
+def gradients(model, x, weights, unrolled=False):
+    """Output and gradients of sum(output * weights) w.r.t. x and every parameter, through
+    the model's training path or (`unrolled`) through its step-by-step twin."""
+    x = x.detach().clone().requires_grad_()
+    out = model.forward_unrolled(x)[0] if unrolled else model(x)
+    return out, torch.autograd.grad((out * weights).sum(), [x, *model.parameters()])
+
+
 TINY = ("model.hidden_size=8", "train.batch_size=8", "train.val_size=32", "train.progress=false")
 
 

@@ -18,7 +18,7 @@ from seqtest.run import Setup
 from seqtest.tasks._base import Batch
 from seqtest.tasks.adding import AddingTask
 from seqtest.train import _Accumulators, clip_gradients, train_step
-from tests.conftest import TINY, run_seqtest
+from tests.conftest import TINY, gradients, run_seqtest
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -49,13 +49,6 @@ TASKS = [
 ]  # fmt: skip
 
 
-def outputs_and_gradients(model, x, weights, unrolled=False):
-    """Output and gradients of sum(output * weights) w.r.t. x and every parameter."""
-    x = x.detach().clone().requires_grad_()
-    out = model.forward_unrolled(x)[0] if unrolled else model(x)
-    return out, torch.autograd.grad((out * weights).sum(), [x, *model.parameters()])
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_training_path_on_cuda_matches_autograd_through_the_cpu_twin(name):
     """In float64, a two-layer model training on the GPU (whatever path it takes there)
@@ -70,8 +63,8 @@ def test_every_training_path_on_cuda_matches_autograd_through_the_cpu_twin(name)
     weights = torch.randn(5, T, 2, dtype=torch.float64)
     paths = {layer.path(x.cuda()) for layer in getattr(on_gpu, "layers", [])}
     assert paths == ({GPU_PATHS[name]} if GPU_PATHS[name] else set())
-    out, grads = outputs_and_gradients(on_gpu, x.cuda(), weights.cuda())
-    out_twin, grads_twin = outputs_and_gradients(twin, x, weights, unrolled=True)
+    out, grads = gradients(on_gpu, x.cuda(), weights.cuda())
+    out_twin, grads_twin = gradients(twin, x, weights, unrolled=True)
     assert out.is_cuda
     assert torch.allclose(out.cpu(), out_twin, rtol=1e-9, atol=1e-12)
     names = ["x"] + [n for n, _ in twin.named_parameters()]

@@ -10,6 +10,7 @@ import torch
 
 from seqtest.errors import ConfigError
 from seqtest.models import FEW_INPUTS, ModelConfig, build_model, count_parameters
+from tests.conftest import gradients
 
 CELLS = ["rnn", "lstm", "gru"]
 
@@ -49,13 +50,6 @@ def test_unrolled_twin_matches_fused_forward_and_gradients(cell, activation):
     grads_unrolled = torch.autograd.grad(unrolled.square().sum(), list(model.parameters()))
     for a, b in zip(grads_fused, grads_unrolled, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
-
-
-def gradients(model, x, weights, unrolled=False):
-    """Output and gradients of sum(output * weights) w.r.t. x and every parameter."""
-    x = x.detach().clone().requires_grad_()
-    out = model.forward_unrolled(x)[0] if unrolled else model(x)
-    return out, torch.autograd.grad((out * weights).sum(), [x, *model.parameters()])
 
 
 def assert_bptt_matches_the_twin(model) -> None:

@@ -18,6 +18,7 @@ import torch
 from seqtest import native
 from seqtest.errors import ConfigError
 from seqtest.models import build_model
+from tests.conftest import gradients
 
 needs_toolchain = pytest.mark.skipif(
     native.toolchain_missing() is not None,
@@ -36,9 +37,7 @@ def train_once(model, x, weights, loops: str, monkeypatch):
     of `model` with SEQTEST_NATIVE=`loops`."""
     monkeypatch.setenv("SEQTEST_NATIVE", loops)
     model = copy.deepcopy(model)
-    x = x.detach().clone().requires_grad_()
-    out = model(x)
-    grads = torch.autograd.grad((out * weights).sum(), [x, *model.parameters()])
+    out, grads = gradients(model, x, weights)
     return [out, *grads, *model.buffers()]
 
 

@@ -190,18 +190,21 @@ def test_the_training_loss_is_the_plain_mean_when_the_batch_has_the_shared_mask(
     train_step(model, task, optimizer, parameters, config, torch.Generator().manual_seed(0))
     assert seen == [None]
     real_sample = task.sample
-    monkeypatch.setattr(
-        task, "sample", lambda *a: real_sample(*a)._replace(mask=real_sample(*a).mask.clone())
-    )
+
+    def sample_with_own_mask(*args):
+        batch = real_sample(*args)
+        return batch._replace(mask=batch.mask.clone())
+
+    monkeypatch.setattr(task, "sample", sample_with_own_mask)
     train_step(model, task, optimizer, parameters, config, torch.Generator().manual_seed(0))
     assert seen[1] is not None and seen[1].shape == (4, 1) and bool(seen[1].all())
+    monkeypatch.undo()
     for loss_task in (task, CopyingTask(length=5)):
         batch = loss_task.sample(6, torch.Generator().manual_seed(1))
         C = loss_task.output_size
         output = torch.randn(6, loss_task.seq_len, C, requires_grad=True)
-        unweighted = real_loss if loss_task is task else loss_task.loss
-        plain = unweighted(output, batch.y, None)
+        plain = loss_task.loss(output, batch.y, None)
         (plain_grad,) = torch.autograd.grad(plain, output)
-        weighted = unweighted(output, batch.y, torch.ones_like(batch.mask))
+        weighted = loss_task.loss(output, batch.y, torch.ones_like(batch.mask))
         (weighted_grad,) = torch.autograd.grad(weighted, output)
         assert torch.equal(plain, weighted) and torch.equal(plain_grad, weighted_grad)
