@@ -7,7 +7,7 @@ the allocator settings.
     python -m seqtest.bench --only steps --models lstm bn_lstm --grid 64,200,128
     python -m seqtest.bench --device cuda           # the training steps on a GPU
 
-Five measurements, each a list of records (``kind`` tells them apart):
+Six measurements, each a list of records (``kind`` tells them apart):
 
 * ``step``: seqtest's whole training step (`seqtest.train.train_step`: task.sample, model,
   task.loss, backward, `clip_gradients`, the optimiser step of a run: Adam on PyTorch's
@@ -27,6 +27,9 @@ Five measurements, each a list of records (``kind`` tells them apart):
   each round's ratio (``paired_ratio``).
 * ``optimizer``: the two optimisers' steps alone, over each model's parameters: how much of
   a step record's ratio the fused Adam accounts for.
+* ``gemm``: the two orders of an input weight's gradient, grad' x and (x' grad)', for the
+  input widths of the tasks: why the hand-written RNN and GRU take the second with few
+  inputs (`seqtest.bptt.input_weight_gradient`).
 * ``probe``: the gradient probes' share of a run's wall time at the default cadence
   (`seqtest.bench_probe.run_cost`).
 * ``parallel``: a sweep under ``hydra/launcher=joblib`` against the same jobs one after another
@@ -39,7 +42,7 @@ Five measurements, each a list of records (``kind`` tells them apart):
   those plus no mapped blocks at all (``SEQTEST_MALLOC=no_mmap``, opt-in).
 
 ``--device cuda`` runs the step comparison on a GPU (both sides; timings wait for the
-queued kernels), and the optimiser steps with them. The other three measure the CPU and run
+queued kernels), and the optimiser steps with them. The other four measure the CPU and run
 only when asked for with ``--only``.
 
 The benchmark configures torch as a run does (`seqtest.run.configure_torch`): subnormals
@@ -68,7 +71,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from seqtest import allocator, native
+from seqtest import allocator, bptt, native
 from seqtest.models import ModelConfig, build_model, count_parameters
 from seqtest.run import configure_torch
 from seqtest.tasks.adding import AddingTask
@@ -101,7 +104,7 @@ REFERENCES: dict[str, tuple[str, tuple[str, ...], float]] = {
     "bn_lstm": ("LSTM loop", ("LSTM loop", "LSTM BPTT loop"), 1.2),
 }
 
-SECTIONS = ("steps", "optimizer", "probes", "parallel", "allocator")
+SECTIONS = ("steps", "optimizer", "gemm", "probes", "parallel", "allocator")
 #: The bare reference's optimiser: ``torch.optim.Adam`` as PyTorch builds it by default (a loop
 #: of small ops per parameter tensor on the CPU). seqtest's runs use the fused kernel.
 REFERENCE_OPTIMIZER = "Adam"
@@ -578,6 +581,61 @@ def optimizer_records(
     return records
 
 
+# ---------------------------------------------------------------- input-weight gradient
+
+#: Input widths of the ``gemm`` section: the tasks' (1 to 10) and both sides of the switch.
+GEMM_INPUTS = (1, 2, 4, 8, 10, 14, 16, 32, 128)
+
+
+def gemm_records(
+    grid: Iterable[tuple[int, int, int]],
+    rounds: int = 5,
+    budget_s: float = 0.2,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """The two orders of an input weight's gradient grad' x ([G, in], G = 4H gate rows, N =
+    B * T rows of grad [N, G] and x [N, in]): ``direct`` = grad.t() @ x, ``transposed`` =
+    (x.t() @ grad).t(), timed interleaved for each input width in `GEMM_INPUTS`. The hand-
+    written RNN and GRU take the transposed one below `bptt.SKINNY_INPUTS` inputs
+    (`bptt.input_weight_gradient`); ``chosen`` says which. One record per (N, G, in):
+    ``direct_us``, ``transposed_us``, ``ratio`` = direct / transposed (medians) and
+    ``paired_ratio``."""
+    records = []
+    for B, T, H in grid:
+        N, G = B * T, 4 * H
+        grad = torch.randn(N, G)
+        for width in GEMM_INPUTS:
+            x = torch.randn(N, width)
+            products = {
+                "direct": lambda x=x, grad=grad: grad.t().mm(x),
+                "transposed": lambda x=x, grad=grad: x.t().mm(grad).t(),
+            }
+            times = interleaved(products, rounds, _repeats_for(products["direct"], budget_s))
+            direct_us = 1e6 * statistics.median(times["direct"])
+            transposed_us = 1e6 * statistics.median(times["transposed"])
+            record = {
+                "kind": "gemm",
+                "N": N,
+                "G": G,
+                "inputs": width,
+                "direct_us": direct_us,
+                "transposed_us": transposed_us,
+                "ratio": direct_us / transposed_us,
+                "paired_ratio": paired_ratio(times, "direct", "transposed"),
+                "chosen": "transposed" if width < bptt.SKINNY_INPUTS else "direct",
+                "rounds": rounds,
+                "threads": torch.get_num_threads(),
+            }
+            records.append(record)
+            if log:
+                log(
+                    f"gemm N={N:<6d} G={G:<5d} in={width:<4d} direct {direct_us:9.1f} us  "
+                    f"transposed {transposed_us:9.1f} us  ratio {record['ratio']:.2f} "
+                    f"(paired {record['paired_ratio']:.2f}); seqtest takes {record['chosen']}"
+                )
+    return records
+
+
 # ---------------------------------------------------------------- probes
 
 
@@ -972,7 +1030,7 @@ def main(argv=None) -> list[dict]:
     )  # fmt: skip
     parser.add_argument(
         "--only", nargs="+", choices=SECTIONS,
-        help="which measurements (default: all five on the CPU, steps and optimizer on cuda)",
+        help="which measurements (default: all six on the CPU, steps and optimizer on cuda)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -999,6 +1057,8 @@ def main(argv=None) -> list[dict]:
         records += optimizer_records(args.models, hidden_sizes, rounds,
                                      budget_s=0.05 if quick else 0.2, log=log,
                                      device=args.device)  # fmt: skip
+    if "gemm" in args.only:
+        records += gemm_records(grid, rounds, budget_s=0.05 if quick else 0.2, log=log)
     if "probes" in args.only:
         if quick:
             records += probe_records(["lstm"], length=50, steps=300, hidden=64, log=log)

@@ -72,6 +72,17 @@ def test_optimizer_records_time_both_optimisers_over_the_models_parameters():
         assert record["paired_ratio"] > 0
 
 
+def test_gemm_records_time_both_orders_and_name_the_one_training_takes():
+    records = bench.gemm_records([(2, 3, 2)], rounds=1, budget_s=0.001)
+    assert [(r["kind"], r["N"], r["G"], r["inputs"]) for r in records] == [
+        ("gemm", 6, 8, width) for width in bench.GEMM_INPUTS
+    ]
+    for record in records:
+        skinny = record["inputs"] < bench.bptt.SKINNY_INPUTS
+        assert record["chosen"] == ("transposed" if skinny else "direct")
+        assert record["ratio"] == pytest.approx(record["direct_us"] / record["transposed_us"])
+
+
 def test_rounds_alternate_their_order_and_time_every_closure_each_round():
     order = []
     steps = {name: (lambda name=name: order.append(name)) for name in "abc"}

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from seqtest.bptt import SKINNY_INPUTS
 from seqtest.errors import ConfigError
 from seqtest.models import FEW_INPUTS, ModelConfig, build_model, count_parameters
 from tests.conftest import gradients
@@ -52,12 +53,12 @@ def test_unrolled_twin_matches_fused_forward_and_gradients(cell, activation):
         assert torch.allclose(a, b, atol=1e-10)
 
 
-def assert_bptt_matches_the_twin(model) -> None:
+def assert_bptt_matches_the_twin(model, inputs: int = 3) -> None:
     """A float64 model's hand-written training path against autograd through its twin:
     outputs, the gradients of the input and of every parameter (each nonzero, so that none is
     compared vacuously), and the buffers (batch-norm running estimates) after the pass."""
     twin = copy.deepcopy(model)
-    x = torch.randn(5, 10, 3, dtype=torch.float64)
+    x = torch.randn(5, 10, inputs, dtype=torch.float64)
     assert all(layer.path(x) == "bptt" for layer in model.layers)
     weights = torch.randn(5, 10, 2, dtype=torch.float64)  # every step and output counts
     out, grads = gradients(model, x, weights)
@@ -185,6 +186,15 @@ def test_hand_written_rnn_and_gru_bptt_match_autograd_through_the_twin(
     and every parameter."""
     model = make(cell, layers, activation=activation, residual=residual, leaky_slope=0.1)
     assert_bptt_matches_the_twin(model.double())
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_the_input_weight_gradient_is_right_in_both_orders(cell):
+    """Layer 1 reads SKINNY_INPUTS features (the direct product grad' x), layer 2 the 6 of
+    layer 1 (the transposed one, (x' grad)'): both against autograd through the twin."""
+    torch.manual_seed(0)
+    model = build_model(dict(cell=cell, hidden_size=6, num_layers=2), SKINNY_INPUTS, 2)
+    assert_bptt_matches_the_twin(model.double(), inputs=SKINNY_INPUTS)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru"])
