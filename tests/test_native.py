@@ -1,6 +1,7 @@
 """The compiled BPTT loops (`seqtest.native`): bit-identical to the Python loops they replace
-(vanilla RNNs, GRU, LN-LSTM; the BN-LSTM to rounding, its batch norm being our own kernel,
-checked against PyTorch's), and a clear fallback or error where they cannot be built."""
+once these use the compiled tanh kernel (vanilla RNNs, GRU, LN-LSTM; the BN-LSTM to
+rounding, its batch norm being our own kernel, checked against PyTorch's), that tanh kernel
+against float64, and a clear fallback or error where they cannot be built."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from seqtest import native
+from seqtest import bptt, native
 from seqtest.errors import ConfigError
 from seqtest.models import build_model
 from tests.conftest import gradients
@@ -45,12 +46,17 @@ def assert_compiled_equals_python(model, monkeypatch, exact: bool = True) -> Non
     """One training pass of a [5, 12, 3]-input model with the Python loops and one with the
     compiled ones: outputs, gradients and buffers equal to the last bit (`exact`; else to
     rounding: 1e-5 in float32, 1e-12 in float64), every gradient nonzero (so that none is
-    compared vacuously)."""
+    compared vacuously). The Python loops run with the compiled loops' tanh kernel in place
+    of PyTorch's (`bptt.tanh_into`), so that every other kernel and its order is held to
+    the last bit; the kernel itself is checked against float64 below."""
     model.train()
     dtype = next(model.parameters()).dtype
     x = torch.randn(5, 12, 3, dtype=dtype)
     weights = torch.randn(5, 12, 2, dtype=dtype)
     assert all(layer.path(x) == "bptt" for layer in model.layers)
+    monkeypatch.setenv("SEQTEST_NATIVE", "require")
+    kernels = native.loops()
+    monkeypatch.setattr(bptt, "tanh_into", lambda out, x: out.copy_(kernels.tanh(x)))
     python = train_once(model, x, weights, "off", monkeypatch)
     compiled = train_once(model, x, weights, "require", monkeypatch)
     assert native.status() == "compiled"
@@ -102,6 +108,51 @@ def test_compiled_rnn_and_gru_loops_are_bit_identical_to_the_python_loops(
     torch.manual_seed(0)
     model = build_model(dict(hidden_size=6, num_layers=2, **kwargs), 3, 2).to(dtype)
     assert_compiled_equals_python(model, monkeypatch)
+
+
+def ulps_from_float64_tanh(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """|values - tanh(x)| in units of the last place of float32 at tanh(x), tanh in float64."""
+    exact = torch.tanh(x.double())
+    magnitude = exact.float().abs()
+    above = torch.nextafter(magnitude, torch.tensor(float("inf")))
+    ulp = above.double() - magnitude.double()  # (in float32 a subnormal ulp may be flushed)
+    return (values.double() - exact).abs() / ulp
+
+
+@needs_toolchain
+def test_the_tanh_kernel_is_within_one_and_a_half_ulp_of_tanh():
+    """Over 4 M evenly spaced numbers in [-12, 12] (both of the kernel's formulas and the
+    switch between them at 0.625, the clamp at 10) and 400 K spread logarithmically down to
+    1e-37 of either sign (normal numbers: runs flush subnormals to zero): at most 1.5 ulp
+    from float64's tanh, odd, and exact at the special values."""
+    tanh = native.loops().tanh
+    grid = torch.linspace(-12, 12, 4_000_000)
+    tiny = torch.logspace(-37, 1.2, 200_000)
+    x = torch.cat([grid, tiny, -tiny]).view(-1, 1000)
+    assert ulps_from_float64_tanh(tanh(x), x).max() <= 1.5
+    assert torch.equal(tanh(-x), -tanh(x))
+    special = torch.tensor([[0.0, -0.0, float("inf"), float("-inf"), 10.0, 1e-30]])
+    assert torch.equal(tanh(special), torch.tensor([[0.0, -0.0, 1.0, -1.0, 1.0, 1e-30]]))
+    assert torch.signbit(tanh(special))[0, 1]
+    assert tanh(torch.tensor([[float("nan")]])).isnan().all()
+
+
+@needs_toolchain
+def test_the_tanh_kernel_takes_strided_rows_and_leaves_the_rest_to_pytorch(restore_threads):
+    """A gate's block of a [B, 3H] matrix (rows apart in memory), one big matrix on one and on
+    two threads (split by rows: the same numbers), and what the kernel does not take
+    (float64, a 3-d tensor, a column slice) equal to PyTorch's tanh to the last bit."""
+    tanh = native.loops().tanh
+    gates = torch.randn(64, 384) * 3
+    block = gates[:, 256:]
+    assert ulps_from_float64_tanh(tanh(block), block).max() <= 1.5
+    big = torch.randn(512, 512)
+    torch.set_num_threads(1)
+    one_thread = tanh(big)
+    torch.set_num_threads(2)
+    assert torch.equal(tanh(big), one_thread)
+    for other in (gates.double(), gates.view(8, 8, 384), gates[:, ::2]):
+        assert torch.equal(tanh(other), torch.tanh(other))
 
 
 def pytorch_batch_norm(x, weight, bias, running_mean, running_var, grad):
