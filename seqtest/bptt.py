@@ -75,6 +75,7 @@ gradients.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -118,17 +119,56 @@ def input_weight_gradient(grad: torch.Tensor, inputs: torch.Tensor) -> torch.Ten
     return grad.t().mm(inputs)
 
 
+def steps_per_block(like: torch.Tensor, *shape: int) -> int:
+    """How many steps of `shape` (in `like`'s dtype) fit in one block of `BLOCK_BYTES`."""
+    return max(1, BLOCK_BYTES // (like.element_size() * math.prod(shape)))
+
+
+def step_blocks(like: torch.Tensor, steps: int, per_block: int, *shape: int) -> list:
+    """Uninitialised blocks [n, *shape] (dtype and device of `like`) that hold `steps` steps,
+    `per_block` to a block (the last one fewer): one block at small sizes, where one
+    [steps, ...] buffer is cheapest; several at large ones, where a single buffer would be
+    mapped afresh (and every page of it faulted in) at each training step. Buffers made
+    with the same `per_block` split at the same steps, so their blocks pair up."""
+    return [
+        like.new_empty(min(per_block, steps - start), *shape)
+        for start in range(0, steps, per_block)
+    ]
+
+
+def unbind_steps(blocks: list) -> list:
+    """The per-step views of `blocks`, laid end to end."""
+    return [view for block in blocks for view in block.unbind(0)]
+
+
 def step_buffers(like: torch.Tensor, steps: int, *shape: int) -> list[torch.Tensor]:
-    """`steps` uninitialised tensors of `shape` (dtype and device of `like`), as views into
-    blocks of at most `BLOCK_BYTES`: one block at small sizes, where one [steps, ...] buffer
-    is cheapest; several at large ones, where a single buffer would be mapped afresh (and
-    every page of it faulted in) at each training step."""
-    per_step = like.element_size() * math.prod(shape)
-    per_block = max(1, BLOCK_BYTES // per_step)
-    views = []
-    for start in range(0, steps, per_block):
-        views.extend(like.new_empty(min(per_block, steps - start), *shape).unbind(0))
-    return views
+    """`steps` uninitialised tensors of `shape`, as views into blocks (`step_blocks`)."""
+    return unbind_steps(step_blocks(like, steps, steps_per_block(like, *shape), *shape))
+
+
+def sum_of(parts: list) -> torch.Tensor:
+    """The sum of a block-by-block gradient's parts (the one part itself at small sizes)."""
+    return functools.reduce(torch.add, parts)
+
+
+def batch_first(hidden: list) -> torch.Tensor:
+    """h_1 .. h_T [B, T, H], contiguous, from the blocks of h_0 .. h_T (one copy)."""
+    first, *rest = hidden
+    return torch.cat([first[1:].transpose(0, 1), *(b.transpose(0, 1) for b in rest)], 1)
+
+
+def input_term_blocks(
+    steps: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, per_block: int
+) -> list:
+    """W x_t + b of every step [T, B, in], in blocks of `per_block` steps (`step_blocks`):
+    one matrix product per block."""
+    T, B, _ = steps.shape
+    blocks = step_blocks(steps, T, per_block, B, weight.shape[0])
+    for start, block in zip(range(0, T, per_block), blocks, strict=True):
+        n = block.shape[0]
+        torch.addmm(bias, steps[start : start + n].view(n * B, -1), weight.t(),
+                    out=block.view(n * B, -1))  # fmt: skip
+    return blocks
 
 
 @dataclass
@@ -369,44 +409,55 @@ class ElementwiseRNN(torch.autograd.Function):
         B, T, _ = x.shape
         H = w_hh.shape[0]
         steps = x.transpose(0, 1).contiguous()  # [T, B, in]
-        hidden = x.new_empty(T + 1, B, H)  # h_{t-1} at t (h_0 = 0)
-        hidden[0].zero_()
-        inputs = torch.addmm(bias, steps.view(T * B, -1), w_ih.t()).view(T, B, H)
+        per_block = ctx.per_block = steps_per_block(x, B, H)
+        inputs = input_term_blocks(steps, w_ih, bias, per_block)
+        hidden = step_blocks(x, T + 1, per_block, B, H)  # h_{t-1} at step t (h_0 = 0)
+        hidden[0][0].zero_()
         w_hh_t = w_hh.t().contiguous()  # measured 15% faster in addmm than the transposed view
         compiled = ctx.compiled = native.loops()
         if compiled is not None:  # the same loop in C++ (seqtest.native)
             compiled.rnn_forward(inputs, hidden, w_hh_t, activation, slope)
         else:
             activate_ = _activate_(activation, slope)
-            for t in range(T):
-                activate_(torch.addmm(inputs[t], hidden[t], w_hh_t, out=hidden[t + 1]))
+            steps_in, hidden_steps = unbind_steps(inputs), unbind_steps(hidden)
+            for x_t, h_prev, h in zip(steps_in, hidden_steps[:-1], hidden_steps[1:], strict=True):
+                activate_(torch.addmm(x_t, h_prev, w_hh_t, out=h))
         ctx.activation = activation, slope
-        ctx.save_for_backward(steps, w_ih, w_hh, hidden)
-        return hidden[1:].transpose(0, 1).contiguous()
+        ctx.hidden = hidden
+        ctx.save_for_backward(steps, w_ih, w_hh)
+        return batch_first(hidden)
 
     @staticmethod
     def backward(ctx, grad_hidden):
-        steps, w_ih, w_hh, hidden = ctx.saved_tensors
-        T, B, H = steps.shape[0], hidden.shape[1], hidden.shape[2]
+        steps, w_ih, w_hh = ctx.saved_tensors
+        T, B, _ = steps.shape
+        H = w_hh.shape[0]
         grad_hidden = grad_hidden.transpose(0, 1)  # [T, B, H]
-        d_pre = hidden.new_empty(T, B, H)  # dL/d(pre-activation) at every step
+        d_pre = step_blocks(steps, T, ctx.per_block, B, H)  # dL/d(pre-activation) per step
         if ctx.compiled is not None:
-            d_w_hh = ctx.compiled.rnn_backward(grad_hidden, hidden, d_pre, w_hh, *ctx.activation)
+            d_w_hh = ctx.compiled.rnn_backward(
+                grad_hidden, ctx.hidden, d_pre, w_hh, *ctx.activation
+            )
         else:
             derivative = _derivative(*ctx.activation)
+            hidden, d_pre_steps = unbind_steps(ctx.hidden), unbind_steps(d_pre)
             d_w_hh = torch.zeros_like(w_hh)
             dh = grad_hidden[T - 1].clone()
             for t in range(T - 1, -1, -1):
-                dp = derivative(dh, hidden[t + 1], d_pre[t])
+                dp = derivative(dh, hidden[t + 1], d_pre_steps[t])
                 if t > 0:  # h_0 = 0: step 0 adds nothing to W_hh's gradient
                     d_w_hh.addmm_(dp.t(), hidden[t])
                     dh = torch.addmm(grad_hidden[t - 1], dp, w_hh)
-        flat = d_pre.view(T * B, H)
-        d_w_ih = input_weight_gradient(flat, steps.view(T * B, -1))
-        d_x = None
-        if ctx.needs_input_grad[0]:
-            d_x = flat.mm(w_ih).view(T, B, -1).transpose(0, 1)
-        return d_x, d_w_ih, d_w_hh, flat.sum(0), None, None
+        d_w_ih, d_bias, d_x = [], [], []
+        for start, d in zip(range(0, T, ctx.per_block), d_pre, strict=True):
+            n = d.shape[0]
+            flat, x_flat = d.view(n * B, H), steps[start : start + n].view(n * B, -1)
+            d_w_ih.append(input_weight_gradient(flat, x_flat))
+            d_bias.append(flat.sum(0))
+            if ctx.needs_input_grad[0]:
+                d_x.append(flat.mm(w_ih))
+        d_x = torch.cat(d_x).view(T, B, -1).transpose(0, 1) if d_x else None
+        return d_x, sum_of(d_w_ih), d_w_hh, sum_of(d_bias), None, None
 
 
 def elementwise_rnn(
@@ -442,25 +493,30 @@ class GRU(torch.autograd.Function):
         G = w_hh.shape[0]
         H = G // 3
         steps = x.transpose(0, 1).contiguous()  # [T, B, in]
+        per_block = ctx.per_block = steps_per_block(x, B, G)
         # the input term of every step, turned into the gates r, z, n in place step by step
-        gates = torch.addmm(b_ih, steps.view(T * B, -1), w_ih.t()).view(T, B, G)
-        recurrent = x.new_empty(T, B, G)  # W_hh h_{t-1} + b_hh
-        hidden = x.new_empty(T + 1, B, H)  # h_{t-1} at t (h_0 = 0)
-        hidden[0].zero_()
+        gates = input_term_blocks(steps, w_ih, b_ih, per_block)
+        recurrent = step_blocks(x, T, per_block, B, G)  # W_hh h_{t-1} + b_hh
+        hidden = step_blocks(x, T + 1, per_block, B, H)  # h_{t-1} at step t (h_0 = 0)
+        hidden[0][0].zero_()
         w_hh_t = w_hh.t().contiguous()  # measured 15% faster in addmm than the transposed view
         compiled = ctx.compiled = native.loops()
         if compiled is not None:  # the same loop in C++ (seqtest.native)
             compiled.gru_forward(gates, recurrent, hidden, w_hh_t, b_hh)
         else:
-            for t in range(T):
-                rec = torch.addmm(b_hh, hidden[t], w_hh_t, out=recurrent[t])
-                act = gates[t]
+            hidden_steps = unbind_steps(hidden)
+            for act, rec, h_prev, h in zip(
+                unbind_steps(gates), unbind_steps(recurrent), hidden_steps[:-1],
+                hidden_steps[1:], strict=True,
+            ):  # fmt: skip
+                torch.addmm(b_hh, h_prev, w_hh_t, out=rec)
                 act[:, : 2 * H].add_(rec[:, : 2 * H]).sigmoid_()
                 r, z, n = act.chunk(3, dim=1)
                 tanh_into(n, n.addcmul_(r, rec[:, 2 * H :]))
-                torch.lerp(n, hidden[t], z, out=hidden[t + 1])
-        ctx.save_for_backward(steps, w_ih, w_hh, recurrent, gates, hidden)
-        return hidden[1:].transpose(0, 1).contiguous()
+                torch.lerp(n, h_prev, z, out=h)
+        ctx.buffers = gates, recurrent, hidden
+        ctx.save_for_backward(steps, w_ih, w_hh)
+        return batch_first(hidden)
 
     @staticmethod
     def backward(ctx, grad_hidden):
@@ -471,49 +527,58 @@ class GRU(torch.autograd.Function):
                 "forward_unrolled, the step-by-step twin"
             )
         ctx.spent = True
-        steps, w_ih, w_hh, recurrent, gates, hidden = ctx.saved_tensors
-        T, B, G = gates.shape
+        steps, w_ih, w_hh = ctx.saved_tensors
+        gates, recurrent, hidden = ctx.buffers
+        T, B, _ = steps.shape
+        G = w_hh.shape[0]
         H = G // 3
         grad_hidden = grad_hidden.transpose(0, 1)  # [T, B, H]
         # dL/d(W_hh h_{t-1} + b_hh) at every step; its r and z blocks are also the input
         # term's, whose n block is d_n (the recurrent one is d_n * r)
         d_rec = recurrent  # each step's slot is written after its last read
-        d_n_all = gates.new_empty(T, B, H)
+        d_n = step_blocks(steps, T, ctx.per_block, B, H)
         if ctx.compiled is not None:
-            ctx.compiled.gru_backward(grad_hidden, gates, recurrent, d_n_all, hidden, w_hh)
+            ctx.compiled.gru_backward(grad_hidden, gates, recurrent, d_n, hidden, w_hh)
         else:
-            GRU._backward_steps(grad_hidden, gates, recurrent, d_n_all, hidden, w_hh)
-        # h_0 = 0: step 0 adds nothing to W_hh's gradient
-        d_w_hh = d_rec[1:].reshape(-1, G).t().mm(hidden[1:T].reshape(-1, H))
-        d_b_hh = d_rec.sum((0, 1))
-        d_rz = d_rec[:, :, : 2 * H].reshape(T * B, 2 * H)
-        d_n_flat = d_n_all.view(T * B, H)
-        flat_steps = steps.view(T * B, -1)
-        d_w_ih = torch.cat(
-            [input_weight_gradient(d_rz, flat_steps), input_weight_gradient(d_n_flat, flat_steps)]
-        )
-        d_b_ih = torch.cat([d_b_hh[: 2 * H], d_n_flat.sum(0)])
-        d_x = None
-        if ctx.needs_input_grad[0]:
-            d_x = d_rz.mm(w_ih[: 2 * H]).addmm_(d_n_flat, w_ih[2 * H :])
-            d_x = d_x.view(T, B, -1).transpose(0, 1)
-        return d_x, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+            GRU._backward_steps(
+                grad_hidden, *(unbind_steps(b) for b in (gates, recurrent, d_n, hidden)), w_hh
+            )
+        # the sums over the steps, block by block (the blocks pair up step for step; h_T
+        # may sit in a block of its own, which zip leaves out)
+        parts: dict[str, list] = {name: [] for name in ("w_hh", "b_hh", "w_rz", "w_n", "b_n")}
+        d_x = []
+        for start, d, h, dn in zip(range(0, T, ctx.per_block), d_rec, hidden, d_n, strict=False):
+            n = d.shape[0]
+            skip = 1 if start == 0 else 0  # h_0 = 0: step 0 adds nothing to W_hh's gradient
+            d_flat = d.view(n * B, G)
+            parts["w_hh"].append(d_flat[skip * B :].t().mm(h[skip:n].view(-1, H)))
+            parts["b_hh"].append(d_flat.sum(0))
+            d_rz, d_n_flat = d_flat[:, : 2 * H], dn.view(n * B, H)
+            x_flat = steps[start : start + n].view(n * B, -1)
+            parts["w_rz"].append(input_weight_gradient(d_rz, x_flat))
+            parts["w_n"].append(input_weight_gradient(d_n_flat, x_flat))
+            parts["b_n"].append(d_n_flat.sum(0))
+            if ctx.needs_input_grad[0]:
+                d_x.append(d_rz.mm(w_ih[: 2 * H]).addmm_(d_n_flat, w_ih[2 * H :]))
+        d_b_hh = sum_of(parts["b_hh"])
+        d_w_ih = torch.cat([sum_of(parts["w_rz"]), sum_of(parts["w_n"])])
+        d_b_ih = torch.cat([d_b_hh[: 2 * H], sum_of(parts["b_n"])])
+        d_x = torch.cat(d_x).view(T, B, -1).transpose(0, 1) if d_x else None
+        return d_x, d_w_ih, sum_of(parts["w_hh"]), d_b_ih, d_b_hh
 
     @staticmethod
     def _backward_steps(grad_hidden, gates, recurrent, d_n_all, hidden, w_hh) -> None:
-        """The backward loop: writes dL/d(W_hh h_{t-1} + b_hh) over `recurrent` and dL/dn
-        into `d_n_all` (loops.cpp's `gru_backward`, line by line)."""
-        T, _, G = gates.shape
-        H = G // 3
-        d_rec = recurrent
+        """The backward loop over per-step views: writes dL/d(W_hh h_{t-1} + b_hh) over
+        `recurrent` and dL/dn into `d_n_all` (loops.cpp's `gru_backward`, line by line)."""
+        T, H = len(gates), w_hh.shape[1]
         dh = grad_hidden[T - 1].clone()
         for t in range(T - 1, -1, -1):
             r, z, n = gates[t].chunk(3, dim=1)
-            d = d_rec[t]
+            d = recurrent[t]
             h_prev = hidden[t]
             through_z = dh * z  # the direct path to h_{t-1}
             d_n = aten.tanh_backward.grad_input(dh - through_z, n, grad_input=d_n_all[t])
-            d_r = d_n * recurrent[t, :, 2 * H :]
+            d_r = d_n * d[:, 2 * H :]
             torch.mul(d_n, r, out=d[:, 2 * H :])
             aten.sigmoid_backward.grad_input(d_r, r, grad_input=d[:, :H])
             aten.sigmoid_backward.grad_input(dh * (h_prev - n), z, grad_input=d[:, H : 2 * H])

@@ -474,30 +474,43 @@ void derivative(Tensor& out, const Tensor& grad, const Tensor& y, const std::str
   }
 }
 
-// ElementwiseRNN.forward's loop: hidden [T + 1, B, H] (h_0 = 0 set) from inputs [T, B, H].
-void rnn_forward(const Tensor& inputs, const Tensor& hidden, const Tensor& w_hh_t,
-                 const std::string& activation, double slope) {
+// The per-step views of blocks [n, ...] laid end to end (seqtest.bptt.unbind_steps).
+Tensors steps_of(const Tensors& blocks) {
+  Tensors views;
+  for (const Tensor& block : blocks) {
+    for (Tensor& view : block.unbind(0)) views.push_back(std::move(view));
+  }
+  return views;
+}
+
+// ElementwiseRNN.forward's loop: h_t into the hidden blocks (h_{t-1} at step t, h_0 = 0 set)
+// from the input term's blocks.
+void rnn_forward(const Tensors& input_blocks, const Tensors& hidden_blocks,
+                 const Tensor& w_hh_t, const std::string& activation, double slope) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t T = inputs.size(0);
+  const Tensors inputs = steps_of(input_blocks), hidden = steps_of(hidden_blocks);
+  const int64_t T = static_cast<int64_t>(inputs.size());
   for (int64_t t = 0; t < T; ++t) {
-    Tensor h = hidden.select(0, t + 1);
-    at::addmm_out(h, inputs.select(0, t), hidden.select(0, t), w_hh_t);
+    Tensor h = hidden[t + 1];
+    at::addmm_out(h, inputs[t], hidden[t], w_hh_t);
     activate_(h, activation, slope);
   }
 }
 
-// ElementwiseRNN.backward's loop: fills d_pre [T, B, H]; returns dL/dW_hh.
-Tensor rnn_backward(const Tensor& grad_hidden, const Tensor& hidden, const Tensor& d_pre,
-                    const Tensor& w_hh, const std::string& activation, double slope) {
+// ElementwiseRNN.backward's loop: fills the d_pre blocks; returns dL/dW_hh.
+Tensor rnn_backward(const Tensor& grad_hidden, const Tensors& hidden_blocks,
+                    const Tensors& d_pre_blocks, const Tensor& w_hh,
+                    const std::string& activation, double slope) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t T = d_pre.size(0);
+  const Tensors hidden = steps_of(hidden_blocks), d_pre = steps_of(d_pre_blocks);
+  const int64_t T = static_cast<int64_t>(d_pre.size());
   Tensor d_w_hh = at::zeros_like(w_hh);
   Tensor dh = grad_hidden.select(0, T - 1).clone();
   for (int64_t t = T - 1; t >= 0; --t) {
-    Tensor dp = d_pre.select(0, t);
-    derivative(dp, dh, hidden.select(0, t + 1), activation, slope);
+    Tensor dp = d_pre[t];
+    derivative(dp, dh, hidden[t + 1], activation, slope);
     if (t > 0) {  // h_0 = 0: step 0 adds nothing to W_hh's gradient
-      d_w_hh.addmm_(dp.t(), hidden.select(0, t));
+      d_w_hh.addmm_(dp.t(), hidden[t]);
       dh = at::addmm(grad_hidden.select(0, t - 1), dp, w_hh);
     }
   }
@@ -506,44 +519,49 @@ Tensor rnn_backward(const Tensor& grad_hidden, const Tensor& hidden, const Tenso
 
 // ---------------------------------------------------------------- GRU
 
-// GRU.forward's loop: turns the input term `gates` [T, B, 3H] into (r, z, n) in place,
-// writes W_hh h_{t-1} + b_hh into `recurrent` and h_t into hidden [T + 1, B, H].
-void gru_forward(const Tensor& gates, const Tensor& recurrent, const Tensor& hidden,
-                 const Tensor& w_hh_t, const Tensor& b_hh) {
+// GRU.forward's loop: turns the input term's blocks into (r, z, n) in place, writes
+// W_hh h_{t-1} + b_hh into the recurrent blocks and h_t into the hidden blocks.
+void gru_forward(const Tensors& gate_blocks_in, const Tensors& recurrent_blocks,
+                 const Tensors& hidden_blocks, const Tensor& w_hh_t, const Tensor& b_hh) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t T = gates.size(0), H = hidden.size(2);
+  const Tensors gates = steps_of(gate_blocks_in), recurrent = steps_of(recurrent_blocks);
+  const Tensors hidden = steps_of(hidden_blocks);
+  const int64_t T = static_cast<int64_t>(gates.size()), H = hidden[0].size(1);
   for (int64_t t = 0; t < T; ++t) {
-    Tensor rec = recurrent.select(0, t);
-    at::addmm_out(rec, b_hh, hidden.select(0, t), w_hh_t);
-    Tensor act = gates.select(0, t);
+    Tensor rec = recurrent[t];
+    at::addmm_out(rec, b_hh, hidden[t], w_hh_t);
+    Tensor act = gates[t];
     act.narrow(1, 0, 2 * H).add_(rec.narrow(1, 0, 2 * H)).sigmoid_();
     Tensor r = act.narrow(1, 0, H), z = act.narrow(1, H, H), n = act.narrow(1, 2 * H, H);
     n.addcmul_(r, rec.narrow(1, 2 * H, H));
     tanh_into(n, n);
-    Tensor h = hidden.select(0, t + 1);
-    at::lerp_out(h, n, hidden.select(0, t), z);
+    Tensor h = hidden[t + 1];
+    at::lerp_out(h, n, hidden[t], z);
   }
 }
 
-// GRU.backward's loop: writes dL/d(W_hh h_{t-1} + b_hh) over `recurrent` (each step's slot
-// after its last read) and dL/dn into d_n_all [T, B, H].
-void gru_backward(const Tensor& grad_hidden, const Tensor& gates, const Tensor& recurrent,
-                  const Tensor& d_n_all, const Tensor& hidden, const Tensor& w_hh) {
+// GRU.backward's loop: writes dL/d(W_hh h_{t-1} + b_hh) over the recurrent blocks (each
+// step's slot after its last read) and dL/dn into the d_n blocks.
+void gru_backward(const Tensor& grad_hidden, const Tensors& gate_blocks_in,
+                  const Tensors& recurrent_blocks, const Tensors& d_n_blocks,
+                  const Tensors& hidden_blocks, const Tensor& w_hh) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t T = gates.size(0), H = hidden.size(2);
+  const Tensors gates = steps_of(gate_blocks_in), recurrent = steps_of(recurrent_blocks);
+  const Tensors d_n_all = steps_of(d_n_blocks), hidden = steps_of(hidden_blocks);
+  const int64_t T = static_cast<int64_t>(gates.size()), H = hidden[0].size(1);
   Tensor dh = grad_hidden.select(0, T - 1).clone();
   for (int64_t t = T - 1; t >= 0; --t) {
-    Tensor act = gates.select(0, t);
+    const Tensor& act = gates[t];
     Tensor r = act.narrow(1, 0, H), z = act.narrow(1, H, H), n = act.narrow(1, 2 * H, H);
-    Tensor d = recurrent.select(0, t);
+    const Tensor& d = recurrent[t];
     Tensor d_r = d.narrow(1, 0, H), d_z = d.narrow(1, H, H), d_hn = d.narrow(1, 2 * H, H);
     Tensor through_z = dh * z;  // the direct path to h_{t-1}
-    Tensor d_n = d_n_all.select(0, t);
+    Tensor d_n = d_n_all[t];
     at::tanh_backward_out(d_n, dh - through_z, n);
     Tensor d_r_out = d_n * d_hn;  // (d_hn still holds W_hn h_{t-1} + b_hn here)
     at::mul_out(d_hn, d_n, r);
     at::sigmoid_backward_out(d_r, d_r_out, r);
-    at::sigmoid_backward_out(d_z, dh * (hidden.select(0, t) - n), z);
+    at::sigmoid_backward_out(d_z, dh * (hidden[t] - n), z);
     if (t > 0) dh = at::addmm(through_z, d, w_hh).add_(grad_hidden.select(0, t - 1));
   }
 }
@@ -563,7 +581,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return out;
       },
       "tanh(x) by the loops' own kernel (float32 matrices with contiguous rows; else PyTorch's)");
-  m.def("rnn_forward", &rnn_forward, "ElementwiseRNN.forward's loop");
+  m.def("rnn_forward", &rnn_forward, "ElementwiseRNN.forward's loop (over blocks of steps)");
   m.def("rnn_backward", &rnn_backward, "ElementwiseRNN.backward's loop; returns dL/dW_hh");
   m.def("gru_forward", &gru_forward, "GRU.forward's loop");
   m.def("gru_backward", &gru_backward, "GRU.backward's loop");

@@ -103,6 +103,29 @@ def test_hand_written_bptt_matches_the_twin_with_buffers_split_into_blocks(norm,
         assert_bptt_matches_the_twin(model)
 
 
+@pytest.mark.parametrize("loops", ["off", "require"])
+@pytest.mark.parametrize("cell,activation", [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh")])
+def test_hand_written_rnn_and_gru_match_the_twin_with_buffers_split_into_blocks(
+    cell, activation, loops, monkeypatch
+):
+    """The RNN's and the GRU's [T, ...] buffers come in blocks of `bptt.BLOCK_BYTES` too
+    (`step_blocks`); with blocks of 1, 3 and 5 of the 10 steps (the T + 1 hidden states then
+    take a block more than the other buffers at 1 and 5), in the Python and the compiled
+    loops, the results are the twin's."""
+    from seqtest import bptt, native
+
+    if loops == "require" and native.toolchain_missing():
+        pytest.skip(native.toolchain_missing())
+    monkeypatch.setenv("SEQTEST_NATIVE", loops)
+    gates = 3 if cell == "gru" else 1
+    step_bytes = 5 * gates * 6 * 8  # one step of [B, G] = [5, gates * H] in float64
+    for steps_per_block in (1, 3, 5):
+        monkeypatch.setattr(bptt, "BLOCK_BYTES", steps_per_block * step_bytes)
+        like = torch.zeros((), dtype=torch.float64)
+        assert bptt.steps_per_block(like, 5, gates * 6) == steps_per_block
+        assert_bptt_matches_the_twin(make(cell, 2, activation=activation).double())
+
+
 @pytest.mark.parametrize("norm", ["layer", "batch"])
 def test_normalised_lstm_backward_runs_once_and_leaves_a_leaf_input_alone(norm):
     """The backward pass writes dL/dz_t over the input term it was given, so a second pass
