@@ -423,6 +423,15 @@ def paired_ratio(times: dict[str, list[float]], name: str, other: str) -> float:
     return statistics.median(a / b for a, b in zip(times[name], times[other], strict=True))
 
 
+def interleaved_us(
+    closures: dict[str, Callable], rounds: int, budget_s: float, calibrate: str
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """`interleaved` with as many repeats as fill about `budget_s` for closure `calibrate`:
+    each closure's median in microseconds, and the seconds per call of every round."""
+    times = interleaved(closures, rounds, _repeats_for(closures[calibrate], budget_s))
+    return {name: 1e6 * statistics.median(values) for name, values in times.items()}, times
+
+
 def _repeats_for(step: Callable, budget_s: float) -> int:
     """How many steps fill about `budget_s` seconds (at least 1)."""
     _synchronize()
@@ -551,9 +560,8 @@ def optimizer_records(
                     parameter.grad = torch.randn_like(parameter)
                 optimizers[name] = make(parameters)
             steps = {name: optimizer.step for name, optimizer in optimizers.items()}
-            times = interleaved(steps, rounds, _repeats_for(steps["reference"], budget_s))
-            seqtest_us = 1e6 * statistics.median(times["seqtest"])
-            reference_us = 1e6 * statistics.median(times["reference"])
+            medians, times = interleaved_us(steps, rounds, budget_s, calibrate="reference")
+            seqtest_us, reference_us = medians["seqtest"], medians["reference"]
             record = {
                 "kind": "optimizer",
                 "model": model,
@@ -610,9 +618,8 @@ def gemm_records(
                 "direct": lambda x=x, grad=grad: grad.t().mm(x),
                 "transposed": lambda x=x, grad=grad: x.t().mm(grad).t(),
             }
-            times = interleaved(products, rounds, _repeats_for(products["direct"], budget_s))
-            direct_us = 1e6 * statistics.median(times["direct"])
-            transposed_us = 1e6 * statistics.median(times["transposed"])
+            medians, times = interleaved_us(products, rounds, budget_s, calibrate="direct")
+            direct_us, transposed_us = medians["direct"], medians["transposed"]
             record = {
                 "kind": "gemm",
                 "N": N,
