@@ -51,10 +51,12 @@ namespace {
 //                r = y - k ln 2 (ln 2 in two parts) and exp(r) by its Taylor series to r^7;
 //                |x| is clamped at 10, where tanh is 1 in float32;
 //
-// with x's sign (tanh(-0) = -0) and NaN passed through. GCC on x86-64 Linux builds it three
-// times, for AVX-512, AVX2 and the baseline, and picks one for the processor when the module
-// loads (`target_clones`); other compilers build the baseline only.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+// with x's sign (tanh(-0) = -0) and NaN passed through. GCC 11 or later on x86-64 Linux
+// builds it three times, for AVX-512, AVX2 and the baseline, and picks one for the processor
+// when the module loads (`target_clones`; the x86-64-v3/v4 names need GCC 11); other
+// compilers build the baseline only.
+#if defined(__GNUC__) && __GNUC__ >= 11 && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__GLIBC__)
 #define SEQTEST_VECTOR_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
