@@ -62,8 +62,9 @@ compares with both. N_h's and N_c's parameter gradients are summed step by step.
 `NormalisedLSTM._forward_steps` and `._backward_steps`) also exist in C++ (`loops.cpp`,
 built on first use by `seqtest.native`), line by line the same kernels in the same order;
 the normalised LSTM keeps its per-step buffers and statistics in C++ between the passes.
-Two kernels there are ours: tanh (PyTorch's CPU tanh is not vectorised; ours is 4-6x
-faster on a step's [B, H] and within 1.35 ulp; see `tanh_into`) and the BN-LSTM's
+Two kernels there are ours: tanh (PyTorch's CPU tanh is not vectorised; ours, on x86-64
+with AVX2 or AVX-512, is 3-7x faster on a step's [B, H] and within 1.35 ulp; see
+`tanh_into`) and the BN-LSTM's
 per-step batch norm (on these [B, F] shapes PyTorch's costs up to twice as much; ours
 agrees with it to rounding). Training runs those where they could be built, equal to these
 loops to rounding (and to the last bit with the tanh kernel swapped in and without batch

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 using at::Tensor;
@@ -41,9 +42,9 @@ namespace {
 // tanh in our own kernel. PyTorch's CPU tanh computes one number at a time (2.1 ns per
 // float32 on a 2-core AVX-512 machine at every ATEN_CPU_CAPABILITY, against 0.21 ns for its
 // vectorised sigmoid), and a tanh RNN's forward loop spent about 45% of its time in it. This
-// kernel is plain arithmetic the compiler vectorises: 0.3-0.4 ns per number there, within
-// 1.35 ulp of the exact tanh over every float tried (PyTorch's: 0.51 ulp; glibc allows
-// itself 2), checked against float64 in tests/test_native.py:
+// kernel is plain arithmetic the compiler vectorises: 0.3-0.4 ns per number there with
+// AVX-512, within 1.35 ulp of the exact tanh over every float tried (PyTorch's: 0.51 ulp;
+// glibc allows itself 2), checked against float64 in tests/test_native.py:
 //
 //   |x| < 0.625: the odd Taylor series x (1 - x^2/3 + 2x^4/15 - ...) to the x^19 term
 //                (the first term left out is below 1e-8 of the sum there);
@@ -51,20 +52,20 @@ namespace {
 //                r = y - k ln 2 (ln 2 in two parts) and exp(r) by its Taylor series to r^7;
 //                |x| is clamped at 10, where tanh is 1 in float32;
 //
-// with x's sign (tanh(-0) = -0) and NaN passed through. GCC 11 or later on x86-64 Linux
-// builds it three times, for AVX-512, AVX2 and the baseline, and picks one for the processor
-// when the module loads (`target_clones`; the x86-64-v3/v4 names need GCC 11); other
-// compilers build the baseline only.
-#if defined(__GNUC__) && __GNUC__ >= 11 && !defined(__clang__) && defined(__x86_64__) && \
-    defined(__GLIBC__)
-#define SEQTEST_VECTOR_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SEQTEST_VECTOR_CLONES
+// with x's sign (tanh(-0) = -0) and NaN passed through. It pays only where the compiler can
+// vectorise it with wide registers: built for the baseline x86-64 instructions alone it was
+// not vectorised and took 46 us at [64, 128], against PyTorch's 18 us and 3.2 us with
+// AVX-512. So GCC on x86-64 builds it for AVX-512 and for AVX2 with FMA, the processor's
+// features choose one when first used, and everywhere else (other processors, other
+// compilers, x86-64 without AVX2) PyTorch's tanh runs (`tanh_kernel_name` says which).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SEQTEST_TANH_KERNELS 1
 #endif
 
-SEQTEST_VECTOR_CLONES
-void tanh_kernel(float* out, const float* in, int64_t n) {
+using TanhKernel = void (*)(float*, const float*, int64_t);
+
+#ifdef SEQTEST_TANH_KERNELS
+__attribute__((always_inline)) inline void tanh_loop(float* out, const float* in, int64_t n) {
 #pragma GCC ivdep  // out may be in (in place): element i is read before it is written
   for (int64_t i = 0; i < n; ++i) {
     const float x = in[i];
@@ -101,12 +102,55 @@ void tanh_kernel(float* out, const float* in, int64_t n) {
   }
 }
 
+__attribute__((target("avx512f,avx2,fma"))) void tanh_avx512(float* out, const float* in,
+                                                             int64_t n) {
+  tanh_loop(out, in, n);
+}
+
+__attribute__((target("avx2,fma"))) void tanh_avx2(float* out, const float* in, int64_t n) {
+  tanh_loop(out, in, n);
+}
+#endif
+
+// The kernel for this processor and its name, or null and "pytorch".
+std::pair<TanhKernel, const char*> tanh_kernel() {
+#ifdef SEQTEST_TANH_KERNELS
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f")) return {tanh_avx512, "avx512"};
+  if (avx2) return {tanh_avx2, "avx2"};
+#endif
+  return {nullptr, "pytorch"};
+}
+
+const std::pair<TanhKernel, const char*>& chosen_tanh_kernel() {
+  static const std::pair<TanhKernel, const char*> chosen = tanh_kernel();
+  return chosen;
+}
+
+// A kernel by name, for tests: "avx512" and "avx2" where this processor and build have them,
+// "pytorch" (null: PyTorch's tanh).
+TanhKernel tanh_kernel_named(const std::string& name) {
+  if (name == "pytorch") return nullptr;
+#ifdef SEQTEST_TANH_KERNELS
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx2" && avx2) return tanh_avx2;
+  if (name == "avx512" && avx2 && __builtin_cpu_supports("avx512f")) return tanh_avx512;
+#endif
+  TORCH_CHECK(false, "tanh kernel ", name, " is not available here (allowed: avx512, avx2 "
+              "where the processor and build have them, pytorch)");
+}
+
 // out = tanh(x), our kernel for float32 CPU matrices whose rows are contiguous (a step's
-// [B, H] state or one gate's block of [B, G]), PyTorch's for anything else. Rows are split
-// over torch's threads in chunks of at least 32 K numbers (PyTorch's own grain).
-void tanh_into(Tensor out, const Tensor& x) {  // (a handle: writes reach the caller's)
-  if (!(x.is_cpu() && x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
-        x.dim() == 2 && out.sizes() == x.sizes() && x.stride(1) == 1 && out.stride(1) == 1)) {
+// [B, H] state or one gate's block of [B, G]) where this processor has one, PyTorch's for
+// anything else. Rows are split over torch's threads in chunks of at least 32 K numbers
+// (PyTorch's own grain).
+void tanh_into(Tensor out, const Tensor& x,  // (a handle: writes reach the caller's)
+               TanhKernel kernel = chosen_tanh_kernel().first) {
+  if (!(kernel && x.is_cpu() && x.scalar_type() == at::kFloat &&
+        out.scalar_type() == at::kFloat && x.dim() == 2 && out.sizes() == x.sizes() &&
+        x.stride(1) == 1 && out.stride(1) == 1)) {
     at::tanh_out(out, x);
     return;
   }
@@ -116,7 +160,7 @@ void tanh_into(Tensor out, const Tensor& x) {  // (a handle: writes reach the ca
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, cols));
   at::parallel_for(0, x.size(0), grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      tanh_kernel(result + r * out_stride, in + r * in_stride, cols);
+      kernel(result + r * out_stride, in + r * in_stride, cols);
     }
   });
 }
@@ -577,12 +621,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("own_batch_norm", &own_batch_norm, "Whether those run our kernel (else PyTorch's)");
   m.def(
       "tanh",
-      [](const Tensor& x) {
+      [](const Tensor& x, const std::string& kernel) {
         Tensor out = at::empty_like(x);
-        tanh_into(out, x);
+        tanh_into(out, x, kernel.empty() ? chosen_tanh_kernel().first : tanh_kernel_named(kernel));
         return out;
       },
-      "tanh(x) by the loops' own kernel (float32 matrices with contiguous rows; else PyTorch's)");
+      "tanh(x) by the loops' kernel (float32 matrices with contiguous rows; else PyTorch's), or "
+      "by the one named (avx512, avx2, pytorch)",
+      py::arg("x"), py::arg("kernel") = "");
+  m.def(
+      "tanh_kernel_name", [] { return std::string(chosen_tanh_kernel().second); },
+      "Which tanh the loops run on this processor: avx512, avx2 or pytorch");
   m.def("rnn_forward", &rnn_forward, "ElementwiseRNN.forward's loop (over blocks of steps)");
   m.def("rnn_backward", &rnn_backward, "ElementwiseRNN.backward's loop; returns dL/dW_hh");
   m.def("gru_forward", &gru_forward, "GRU.forward's loop");

@@ -119,13 +119,24 @@ def ulps_from_float64_tanh(values: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return (values.double() - exact).abs() / ulp
 
 
+def tanh_by(kernel: str):
+    """The compiled loops' tanh by the kernel named, or skip where this machine lacks it."""
+    tanh = native.loops().tanh
+    try:
+        tanh(torch.zeros(1, 1), kernel)
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    return lambda x: tanh(x, kernel)
+
+
 @needs_toolchain
-def test_the_tanh_kernel_is_within_one_and_a_half_ulp_of_tanh():
+@pytest.mark.parametrize("kernel", ["avx512", "avx2"])
+def test_the_tanh_kernels_are_within_one_and_a_half_ulp_of_tanh(kernel):
     """Over 4 M evenly spaced numbers in [-12, 12] (both of the kernel's formulas and the
     switch between them at 0.625, the clamp at 10) and 400 K spread logarithmically down to
     1e-37 of either sign (normal numbers: runs flush subnormals to zero): at most 1.5 ulp
     from float64's tanh, odd, and exact at the special values."""
-    tanh = native.loops().tanh
+    tanh = tanh_by(kernel)
     grid = torch.linspace(-12, 12, 4_000_000)
     tiny = torch.logspace(-37, 1.2, 200_000)
     x = torch.cat([grid, tiny, -tiny]).view(-1, 1000)
@@ -138,11 +149,32 @@ def test_the_tanh_kernel_is_within_one_and_a_half_ulp_of_tanh():
 
 
 @needs_toolchain
-def test_the_tanh_kernel_takes_strided_rows_and_leaves_the_rest_to_pytorch(restore_threads):
+def test_the_loops_take_the_widest_tanh_kernel_this_processor_has():
+    """x86-64 with AVX-512: that kernel; with AVX2 and FMA: that one; else PyTorch's tanh
+    (the kernels pay only with wide registers). The default is the one named, and "pytorch"
+    is PyTorch's tanh to the last bit."""
+    loops = native.loops()
+    name = loops.tanh_kernel_name()
+    available = []
+    for kernel in ("avx512", "avx2"):
+        try:
+            loops.tanh(torch.zeros(1, 1), kernel)
+            available.append(kernel)
+        except RuntimeError:
+            pass
+    assert name == (available[0] if available else "pytorch")
+    x = torch.randn(64, 128) * 3
+    assert torch.equal(loops.tanh(x), loops.tanh(x, name))
+    assert torch.equal(loops.tanh(x, "pytorch"), torch.tanh(x))
+
+
+@needs_toolchain
+@pytest.mark.parametrize("kernel", ["avx512", "avx2"])
+def test_the_tanh_kernels_take_strided_rows_and_leave_the_rest_to_pytorch(kernel, restore_threads):
     """A gate's block of a [B, 3H] matrix (rows apart in memory), one big matrix on one and on
-    two threads (split by rows: the same numbers), and what the kernel does not take
+    two threads (split by rows: the same numbers), and what the kernels do not take
     (float64, a 3-d tensor, a column slice) equal to PyTorch's tanh to the last bit."""
-    tanh = native.loops().tanh
+    tanh = tanh_by(kernel)
     gates = torch.randn(64, 384) * 3
     block = gates[:, 256:]
     assert ulps_from_float64_tanh(tanh(block), block).max() <= 1.5
