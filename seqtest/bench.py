@@ -423,6 +423,12 @@ def paired_ratio(times: dict[str, list[float]], name: str, other: str) -> float:
     return statistics.median(a / b for a, b in zip(times[name], times[other], strict=True))
 
 
+def tanh_kernel_name() -> str | None:
+    """The compiled loops' tanh ("avx512", "avx2" or "pytorch"), None where they are not
+    built (yet) or off."""
+    return native.loops().tanh_kernel_name() if native.status() == "compiled" else None
+
+
 def interleaved_us(
     closures: dict[str, Callable], rounds: int, budget_s: float, calibrate: str
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -509,8 +515,9 @@ def step_records(
                 "threads": torch.get_num_threads(),
                 "device": device,
                 # the hand-written BPTT's loops: "compiled", "off", or why the build failed
-                # ("not built" where only fused kernels ran so far)
+                # ("not built" where only fused kernels ran so far), and their tanh
                 "loops": native.status(),
+                "tanh": tanh_kernel_name(),
             }
             with_norms = ""
             if "norm_kernels" in medians:

@@ -35,6 +35,11 @@ def test_step_records_schema(tmp_path):
         assert record["loops"] == native.status()
         if record["model"] != "lstm":  # trained by hand: the loops were built or tried
             assert record["loops"] != "not built"
+        if record["loops"] == "compiled":
+            assert record["tanh"] == native.loops().tanh_kernel_name()
+            assert record["tanh"] in ("avx512", "avx2", "pytorch")
+        else:
+            assert record["tanh"] is None
         normalised = bench.MODELS[record["model"]].get("norm") is not None
         assert ("loop_plus_norms_ratio" in record) == normalised, record["model"]
         if normalised:
