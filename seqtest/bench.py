@@ -52,6 +52,7 @@ flushed and freed memory kept in the heap, for seqtest and the reference alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -87,6 +88,7 @@ MODELS: dict[str, dict] = {
     "lstm": dict(cell="lstm"),
     "gru": dict(cell="gru"),
     "rnn_sigmoid": dict(cell="rnn", activation="sigmoid"),
+    "rnn_relu": dict(cell="rnn", activation="relu"),
     "ln_lstm": dict(cell="lstm", norm="layer"),
     "bn_lstm": dict(cell="lstm", norm="batch"),
 }
@@ -100,6 +102,8 @@ REFERENCES: dict[str, tuple[str, tuple[str, ...], float]] = {
     "lstm": ("nn.LSTM", ("nn.LSTM",), 1.05),
     "gru": ("nn.GRU", ("nn.GRU",), 1.05),
     "rnn_sigmoid": ("sigmoid RNN loop", ("nn.RNN",), 1.3),
+    # the ReLU RNN (the IRNN's cell) has PyTorch's own module, so the plain cells' limit
+    "rnn_relu": ("nn.RNN relu", ("nn.RNN relu",), 1.05),
     "ln_lstm": ("LSTM loop", ("LSTM loop", "LSTM BPTT loop"), 1.2),
     "bn_lstm": ("LSTM loop", ("LSTM loop", "LSTM BPTT loop"), 1.2),
 }
@@ -245,7 +249,7 @@ class LSTMBPTTLoop(nn.Module):
 
 
 class Fused(nn.Module):
-    def __init__(self, kind: type[nn.RNNBase], input_size: int, hidden: int) -> None:
+    def __init__(self, kind: Callable[..., nn.RNNBase], input_size: int, hidden: int) -> None:
         super().__init__()
         self.core = kind(input_size, hidden, batch_first=True)
 
@@ -255,7 +259,8 @@ class Fused(nn.Module):
 
 def reference_core(name: str, input_size: int, hidden: int) -> nn.Module:
     """The reference's recurrent part by name (see `REFERENCES`): [B, T, in] -> last h [B, H]."""
-    fused = {"nn.RNN": nn.RNN, "nn.LSTM": nn.LSTM, "nn.GRU": nn.GRU}
+    fused = {"nn.RNN": nn.RNN, "nn.LSTM": nn.LSTM, "nn.GRU": nn.GRU,
+             "nn.RNN relu": functools.partial(nn.RNN, nonlinearity="relu")}  # fmt: skip
     if name in fused:
         return Fused(fused[name], input_size, hidden)
     loops = {"sigmoid RNN loop": SigmoidRNNLoop, "LSTM loop": LSTMLoop,
