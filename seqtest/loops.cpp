@@ -374,19 +374,26 @@ Normalisation unpack(const py::tuple& n) {
           n[6].cast<c10::optional<Tensor>>()};
 }
 
+// The per-step views of blocks [n, ...] laid end to end (seqtest.bptt.unbind_steps).
+Tensors steps_of(const Tensors& blocks) {
+  Tensors views;
+  for (const Tensor& block : blocks) {
+    for (Tensor& view : block.unbind(0)) views.push_back(std::move(view));
+  }
+  return views;
+}
+
 // `steps` uninitialised [rows, cols] tensors as views into blocks of at most `block_bytes`
 // (seqtest.bptt.step_buffers: the same layout).
 Tensors step_buffers(const Tensor& like, int64_t steps, int64_t rows, int64_t cols,
                      int64_t block_bytes) {
   const int64_t per_step = static_cast<int64_t>(like.element_size()) * rows * cols;
   const int64_t per_block = std::max<int64_t>(1, block_bytes / per_step);
-  Tensors views;
-  views.reserve(steps);
+  Tensors blocks;
   for (int64_t start = 0; start < steps; start += per_block) {
-    Tensor block = at::empty({std::min(per_block, steps - start), rows, cols}, like.options());
-    for (Tensor& view : block.unbind(0)) views.push_back(std::move(view));
+    blocks.push_back(at::empty({std::min(per_block, steps - start), rows, cols}, like.options()));
   }
-  return views;
+  return steps_of(blocks);
 }
 
 // The (i, f, g, o) blocks of a [B, 4H] tensor, as views.
@@ -518,15 +525,6 @@ void derivative(Tensor& out, const Tensor& grad, const Tensor& y, const std::str
   } else {
     TORCH_CHECK(false, "no compiled loop for the activation ", activation);
   }
-}
-
-// The per-step views of blocks [n, ...] laid end to end (seqtest.bptt.unbind_steps).
-Tensors steps_of(const Tensors& blocks) {
-  Tensors views;
-  for (const Tensor& block : blocks) {
-    for (Tensor& view : block.unbind(0)) views.push_back(std::move(view));
-  }
-  return views;
 }
 
 // ElementwiseRNN.forward's loop: h_t into the hidden blocks (h_{t-1} at step t, h_0 = 0 set)
