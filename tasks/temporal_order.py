@@ -52,11 +52,16 @@ NUM_DISTRACTORS = 4
 X, Y, START, END = 4, 5, 6, 7
 
 
+def window_start(T: int, k: int, i: int | torch.Tensor) -> int | torch.Tensor:
+    """Where window `i` of `k` starts: an int for an int `i`, a tensor for a tensor of them
+    (the same floor division either way)."""
+    return (T * (k + 8 * i)) // (10 * k)
+
+
 def windows(T: int, k: int) -> list[tuple[int, int]]:
     """The half-open window [start, stop) of each relevant symbol, in order."""
     width = max(1, T // 10)
-    starts = [(T * (k + 8 * i)) // (10 * k) for i in range(k)]
-    return [(start, start + width) for start in starts]
+    return [(start, start + width) for start in (window_start(T, k, i) for i in range(k))]
 
 
 def windows_fit(T: int, k: int) -> bool:
@@ -112,10 +117,9 @@ class TemporalOrderTask(AccuracyTask):
         bits = torch.randint(0, 2, (batch_size, k), generator=generator, device=device)
         width = spans[0][1] - spans[0][0]
         offsets = torch.randint(0, width, (batch_size, k), generator=generator, device=device)
-        # the windows' starts (`windows`) computed on the device: a tensor made from a list
-        # would be copied there at every batch, a wait for the device on a GPU
-        i = torch.arange(k, device=device)
-        starts = (T * (k + 8 * i)).div(10 * k, rounding_mode="floor")
+        # the windows' starts computed on the device: a tensor made from a list would be
+        # copied there at every batch, a wait for the device on a GPU
+        starts = window_start(T, k, torch.arange(k, device=device))
         tokens.scatter_(1, starts + offsets, X + bits)
         weights = 2 ** torch.arange(k - 1, -1, -1, device=device)
         y = torch.zeros(batch_size, T, dtype=torch.long, device=device)
