@@ -62,6 +62,18 @@ def marker_positions(
     return first, second + (second >= first).long()
 
 
+def marked_input(
+    values: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input [batch_size, T, 2] (the values, and markers that are 1 at the two marked
+    steps) and the two marked values [batch_size, 2]. By scatter and gather: indexing with
+    a Python number would copy it to the device at every batch, a wait for the device on a
+    GPU."""
+    marked = torch.stack([first, second], dim=1)  # [batch_size, 2]
+    markers = torch.zeros_like(values).scatter_(1, marked, 1.0)
+    return torch.stack([values, markers], dim=-1), values.gather(1, marked)
+
+
 @register_task("adding")
 @dataclass
 class AddingTask(Task):
@@ -93,14 +105,9 @@ class AddingTask(Task):
         hochreiter = self.placement == "hochreiter"
         if hochreiter:
             values = 2 * values - 1
-        first, second = marker_positions(self.placement, T, batch_size, generator)
-        marked = torch.stack([first, second], dim=1)  # [batch_size, 2]
-        # (scatter and gather: indexing with a Python number would copy it to the device at
-        # every batch, a wait for the device on a GPU)
-        markers = torch.zeros(batch_size, T, device=device).scatter_(1, marked, 1.0)
-        x = torch.stack([values, markers], dim=-1)
+        x, pair = marked_input(values, *marker_positions(self.placement, T, batch_size, generator))
         y = torch.zeros(batch_size, T, 1, device=device)
-        y[:, -1, 0] = values.gather(1, marked).sum(1)
+        y[:, -1, 0] = pair.sum(1)
         if hochreiter:
             y[:, -1, 0] = 0.5 + y[:, -1, 0] / 4
         return Batch(x, y, self.scored_steps_mask(batch_size, device))

@@ -38,7 +38,7 @@ import torch
 
 from seqtest.errors import require, require_choice, require_positive_int
 from seqtest.tasks._base import Batch, Task, register_task
-from seqtest.tasks.adding import PLACEMENTS, marker_positions
+from seqtest.tasks.adding import PLACEMENTS, marked_input, marker_positions
 
 
 @register_task("multiplication")
@@ -68,14 +68,9 @@ class MultiplicationTask(Task):
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         T, device = self.length, generator.device
         values = torch.rand(batch_size, T, generator=generator, device=device)
-        first, second = marker_positions(self.placement, T, batch_size, generator)
-        marked = torch.stack([first, second], dim=1)  # [batch_size, 2]
-        # (scatter and gather, as the adding problem: indexing with a Python number would
-        # copy it to the device at every batch, a wait for the device on a GPU)
-        markers = torch.zeros(batch_size, T, device=device).scatter_(1, marked, 1.0)
-        x = torch.stack([values, markers], dim=-1)
+        x, pair = marked_input(values, *marker_positions(self.placement, T, batch_size, generator))
         y = torch.zeros(batch_size, T, 1, device=device)
-        y[:, -1, 0] = values.gather(1, marked).prod(1)
+        y[:, -1, 0] = pair.prod(1)
         return Batch(x, y, self.scored_steps_mask(batch_size, device))
 
     @property
