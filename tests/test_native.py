@@ -119,14 +119,21 @@ def ulps_from_float64_tanh(values: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return (values.double() - exact).abs() / ulp
 
 
+def tanh_kernel_missing(kernel: str) -> str | None:
+    """Why this machine lacks the compiled loops' tanh kernel named, or None if it has it."""
+    try:
+        native.loops().tanh(torch.zeros(1, 1), kernel)
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
 def tanh_by(kernel: str):
     """The compiled loops' tanh by the kernel named, or skip where this machine lacks it."""
-    tanh = native.loops().tanh
-    try:
-        tanh(torch.zeros(1, 1), kernel)
-    except RuntimeError as error:
-        pytest.skip(str(error))
-    return lambda x: tanh(x, kernel)
+    missing = tanh_kernel_missing(kernel)
+    if missing:
+        pytest.skip(missing)
+    return lambda x: native.loops().tanh(x, kernel)
 
 
 @needs_toolchain
@@ -155,13 +162,7 @@ def test_the_loops_take_the_widest_tanh_kernel_this_processor_has():
     is PyTorch's tanh to the last bit."""
     loops = native.loops()
     name = loops.tanh_kernel_name()
-    available = []
-    for kernel in ("avx512", "avx2"):
-        try:
-            loops.tanh(torch.zeros(1, 1), kernel)
-            available.append(kernel)
-        except RuntimeError:
-            pass
+    available = [k for k in ("avx512", "avx2") if tanh_kernel_missing(k) is None]
     assert name == (available[0] if available else "pytorch")
     x = torch.randn(64, 128) * 3
     assert torch.equal(loops.tanh(x), loops.tanh(x, name))
