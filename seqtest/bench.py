@@ -14,9 +14,10 @@ Six measurements, each a list of records (``kind`` tells them apart):
   fused kernel) against a bare PyTorch reference written here with no seqtest code
   (adding-problem batch, ``nn.RNN/LSTM/GRU`` + ``nn.Linear`` on the last step, MSE,
   ``clip_grad_norm_``, ``torch.optim.Adam`` as PyTorch builds it by default). Variants
-  without a fused kernel are compared with the best hand-written loop (see `REFERENCES`);
-  the record also carries the target's own denominator (``target_ms``). For the
-  normalised LSTMs the same rounds also time PyTorch's normalisation kernels alone
+  without a fused kernel are compared with the best hand-written loop or with the plain
+  cell's module (see `REFERENCES`); the record also carries the target's own denominator
+  (``target_ms``). For the normalised cells the same rounds also time PyTorch's
+  normalisation kernels alone
   (`normalisation_kernels_step`): ``loop_plus_norms_ratio`` = (loop + those kernels) /
   loop, what the loop would cost with the normalisations added and nothing else. A
   step-by-step implementation built on those kernels can beat it only by doing the rest of
@@ -91,6 +92,8 @@ MODELS: dict[str, dict] = {
     "rnn_relu": dict(cell="rnn", activation="relu"),
     "ln_lstm": dict(cell="lstm", norm="layer"),
     "bn_lstm": dict(cell="lstm", norm="batch"),
+    "ln_rnn": dict(cell="rnn", norm="layer"),
+    "bn_rnn": dict(cell="rnn", norm="batch"),
 }
 
 #: What each model is compared with: (reference, what the target is measured against, limit).
@@ -106,6 +109,10 @@ REFERENCES: dict[str, tuple[str, tuple[str, ...], float]] = {
     "rnn_relu": ("nn.RNN relu", ("nn.RNN relu",), 1.05),
     "ln_lstm": ("LSTM loop", ("LSTM loop", "LSTM BPTT loop"), 1.2),
     "bn_lstm": ("LSTM loop", ("LSTM loop", "LSTM BPTT loop"), 1.2),
+    # the tanh RNN with a normalisation inside its step: no fused kernel, so the limit of
+    # the RNN variants without one, against the plain cell's module
+    "ln_rnn": ("nn.RNN", ("nn.RNN",), 1.3),
+    "bn_rnn": ("nn.RNN", ("nn.RNN",), 1.3),
 }
 
 SECTIONS = ("steps", "optimizer", "gemm", "probes", "parallel", "allocator")
@@ -297,18 +304,19 @@ def reference_step(
 
 
 def normalisation_kernels_step(
-    norm: str, batch: int, length: int, hidden: int, device: str = "cpu"
+    norm: str, batch: int, length: int, hidden: int, device: str = "cpu", cell: str = "lstm"
 ) -> Callable:
-    """A closure running, `length` times, the forward and backward kernels of the two
-    normalisations a normalised LSTM step must run inside its loop (PyTorch's native layer-
-    or batch-norm kernels on [B, 4H] for W_hh h and [B, H] for c) alone: what a step-by-step
-    normalised LSTM must add to the plain loop's work, whatever else it does. (The third,
-    of W_ih x, does not depend on the recurrence and runs over the whole sequence at once.)
-    `step_records` reports (loop + this) / loop."""
+    """A closure running, `length` times, the forward and backward kernels of the
+    normalisations a normalised step must run inside its loop alone (PyTorch's native layer-
+    or batch-norm kernels; the LSTM's two, on [B, 4H] for W_hh h and [B, H] for c; the
+    RNN's one, on [B, H]): what a step-by-step normalised cell must add to the plain loop's
+    work, whatever else it does. (The normalisation of W_ih x does not depend on the
+    recurrence and runs over the whole sequence at once.) `step_records` reports
+    (loop + this) / loop."""
     aten = torch.ops.aten
     generator = torch.Generator().manual_seed(0)
     cases = []
-    for width in (4 * hidden, hidden):
+    for width in (4 * hidden, hidden) if cell == "lstm" else (hidden,):
         x = torch.randn(batch, width, generator=generator)
         grad = torch.randn(batch, width, generator=generator)
         case = (x, grad, torch.ones(width), torch.zeros(width), torch.zeros(width),
@@ -484,9 +492,9 @@ def step_records(
             for name in candidates:
                 if name not in steps:
                     steps[name] = reference_step(name, B, T, H, device=device)
-            norm = MODELS[model].get("norm")
+            norm, cell = MODELS[model].get("norm"), MODELS[model]["cell"]
             if norm:
-                steps["norm_kernels"] = normalisation_kernels_step(norm, B, T, H, device)
+                steps["norm_kernels"] = normalisation_kernels_step(norm, B, T, H, device, cell)
             n = repeats or _repeats_for(steps["seqtest"], budget_s)
             times = interleaved(steps, rounds, n)
             medians = {name: statistics.median(values) for name, values in times.items()}

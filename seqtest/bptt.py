@@ -1,4 +1,5 @@
-"""Hand-written backpropagation through time: vanilla RNNs, the GRU and the normalised LSTMs.
+"""Hand-written backpropagation through time: vanilla RNNs (plain, layer- or batch-normalised),
+the GRU and the normalised LSTMs.
 
 **Vanilla RNN** (`ElementwiseRNN`; tanh, sigmoid, relu, leaky relu, elu): h_t = f(W_ih x_t +
 b + W_hh h_{t-1}), the input term of all steps in one product, then one `addmm` and one
@@ -58,15 +59,23 @@ written the same way (no normalisations, `seqtest.bench.LSTMBPTTLoop`) is faster
 (0.63x and 0.78x of the autograd loop at the two smaller sizes); docs/performance.md
 compares with both. N_h's and N_c's parameter gradients are summed step by step.
 
-**Compiled loops.** The step loops of all three (the RNN's and the GRU's time loops,
-`NormalisedLSTM._forward_steps` and `._backward_steps`) also exist in C++ (`loops.cpp`,
-built on first use by `seqtest.native`), line by line the same kernels in the same order;
-the normalised LSTM keeps its per-step buffers and statistics in C++ between the passes.
-Two kernels there are ours: tanh (PyTorch's CPU tanh is not vectorised; ours, on x86-64
-with AVX2 or AVX-512, is 3-7x faster on a step's [B, H] and within 1.35 ulp; see
-`tanh_into`) and the BN-LSTM's
-per-step batch norm (on these [B, F] shapes PyTorch's costs up to twice as much; ours
-agrees with it to rounding). Training runs those where they could be built, equal to these
+**Normalised vanilla RNNs** (`NormalisedRNN`): the layer-norm RNN h_t = f(LN(W_ih x_t + b +
+W_hh h_{t-1})) and the batch-norm RNN h_t = f(BN_x(W_ih x_t) + b + BN_t(W_hh h_{t-1})) in the
+same way as the normalised LSTMs: the input term of all steps under autograd before the
+loop, then per step one product, one normalisation kernel and the activation in place. As
+a loop of autograd nodes (the twin's) they took 1.41x and 1.87x of `nn.RNN`'s training step
+at (32, 100, 64) and 1.28x and 1.51x at (64, 200, 128); docs/performance.md has what they
+take now.
+
+**Compiled loops.** The step loops of all four (the RNN's and the GRU's time loops,
+`NormalisedRNN`'s and `NormalisedLSTM`'s `_forward_steps` and `_backward_steps`) also exist
+in C++ (`loops.cpp`, built on first use by `seqtest.native`), line by line the same kernels
+in the same order; the normalised cells keep their per-step buffers and statistics in C++
+between the passes. Two kernels there are ours: tanh (PyTorch's CPU tanh is not
+vectorised; ours, on x86-64 with AVX2 or AVX-512, is 3-7x faster on a step's [B, H] and
+within 1.35 ulp; see `tanh_into`) and the batch-normalised cells' per-step batch norm (on
+these [B, F] shapes PyTorch's costs up to twice as much; ours agrees with it to rounding).
+Training runs those where they could be built, equal to these
 loops to rounding (and to the last bit with the tanh kernel swapped in and without batch
 norm: tested), and the Python loops here otherwise. At these sizes the small kernels of a
 time step cost about as much to issue from Python as to run:
@@ -470,6 +479,115 @@ class ElementwiseRNN(torch.autograd.Function):
         return d_x, sum_of(d_w_ih), d_w_hh, sum_of(d_bias), None, None
 
 
+class NormalisedRNN(torch.autograd.Function):
+    """Normalised input term [T, B, H] -> hidden states [B, T, H] of a layer- or batch-norm
+    vanilla RNN from h_0 = 0, with f one of `RNN_ACTIVATIONS`:
+
+        layer norm (Ba et al. 2016):         h_t = f(LN(z^x_t + W_hh h_{t-1}))
+        batch norm (Cooijmans et al. 2016):  h_t = f(z^x_t + BN_t(W_hh h_{t-1}))
+
+    The input term z^x_t, W_ih x_t + b_ih + b_hh (layer norm) or BN_x(W_ih x_t) + b_ih + b_hh
+    (batch norm), comes in time-major, computed for all steps under autograd
+    (`RecurrentLayer.input_term`); its gradient dL/dz^x_t is what this function returns for
+    it, written over it as in `NormalisedLSTM`. The other inputs: W_hh [H, H], the
+    normalisation inside the loop (`Normalisation`: LN for layer norm, BN_t for batch norm),
+    the activation and its slope, then the normalisation's weight and bias (None where it has
+    none), so that autograd routes their gradients. Per step: one product, one normalisation
+    kernel, one activation in place (batch norm adds the input term), and their backward
+    kernels in reverse, with the activation's derivative taken from its output.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, w_hh, norm, activation, slope, *norm_params):
+        compiled = native.loops()
+        ctx.compiled = compiled
+        ctx.norm = norm
+        ctx.activation = activation, slope
+        ctx.overwrite_inputs = not inputs.is_leaf
+        ctx.save_for_backward(inputs, w_hh)
+        if compiled is not None:  # the same loop in C++, its buffers kept there (the tape)
+            hidden, ctx.tape = compiled.norm_rnn_forward(
+                inputs, w_hh, norm.as_tuple(), activation, slope, BLOCK_BYTES
+            )
+            return hidden
+        T, B, H = inputs.shape
+        w_hh_t = w_hh.t().contiguous()  # (see ElementwiseRNN)
+        ctx.step_a = step_buffers(inputs, T, B, H)  # what the normalisation reads, per step
+        norm.prepare(T)
+        ctx.hidden, ctx.stats = NormalisedRNN._forward_steps(
+            inputs, w_hh_t, ctx.step_a, norm, activation, slope
+        )
+        return torch.stack(ctx.hidden[1:], dim=1)
+
+    @staticmethod
+    def _forward_steps(inputs, w_hh_t, step_a, norm, activation, slope):
+        """The forward loop (loops.cpp's `norm_rnn_forward`, line by line): returns the hidden
+        states h_0 .. h_T and the normalisation's statistics of every step, ([mean], [rstd])."""
+        activate_ = _activate_(activation, slope)
+        inside = norm.kind == "layer"  # layer norm normalises the sum with the input term
+        h = inputs.new_zeros(inputs.shape[1], w_hh_t.shape[1])
+        hidden, means, rstds = [h], [], []
+        for t, z_x in enumerate(inputs.unbind(0)):
+            if inside:
+                a = torch.addmm(z_x, h, w_hh_t, out=step_a[t])
+            else:
+                a = torch.mm(h, w_hh_t, out=step_a[t])
+            n, mean, rstd = norm.forward(a, t)
+            if not inside:
+                n += z_x
+            h = activate_(n)
+            hidden.append(h)
+            means.append(mean)
+            rstds.append(rstd)
+        return hidden, (means, rstds)
+
+    @staticmethod
+    def backward(ctx, grad_hidden):
+        if getattr(ctx, "spent", False):
+            raise RuntimeError(
+                "the hand-written normalised-RNN backward overwrites its input term and runs "
+                "once per forward; for a second backward (retain_graph=True) use the model's "
+                "forward_unrolled, the step-by-step twin"
+            )
+        ctx.spent = True
+        inputs, w_hh = ctx.saved_tensors
+        d_inputs = inputs if ctx.overwrite_inputs else torch.empty_like(inputs)
+        if ctx.compiled is not None:
+            grads = ctx.compiled.norm_rnn_backward(
+                ctx.tape, grad_hidden, d_inputs, w_hh, ctx.norm.as_tuple(), *ctx.activation
+            )
+            del ctx.tape  # (the step buffers: freed now, not with the graph)
+        else:
+            grads = NormalisedRNN._backward_steps(
+                grad_hidden.unbind(1), d_inputs.unbind(0), w_hh, ctx.step_a, ctx.hidden,
+                ctx.stats, ctx.norm, *ctx.activation,
+            )  # fmt: skip
+        return (d_inputs, grads[0], None, None, None, *grads[1:])
+
+    @staticmethod
+    def _backward_steps(step_grad, step_dz, w_hh, step_a, hidden, stats, norm, activation, slope):
+        """The backward loop (loops.cpp's `norm_rnn_backward`, line by line): writes dL/dz^x_t
+        into `step_dz`; returns dL/dW_hh and the normalisation's summed d weight and d bias
+        (None for a missing bias)."""
+        derivative = _derivative(activation, slope)
+        inside = norm.kind == "layer"
+        means, rstds = stats
+        T = len(step_dz)
+        d_w_hh = torch.zeros_like(w_hh)
+        grads: list = []  # (d weight, d bias) of the normalisation, summed over the steps
+        dh = step_grad[T - 1]
+        for t in range(T - 1, -1, -1):
+            dz = step_dz[t]
+            d_pre = derivative(dh, hidden[t + 1], dz)  # batch norm: dL/dz^x_t already
+            da = norm.backward(d_pre, step_a[t], means[t], rstds[t], grads)
+            if inside:
+                dz.copy_(da)
+            if t > 0:  # h_0 = 0: step 0 adds nothing to W_hh's gradient and has no h before
+                d_w_hh.addmm_(da.t(), hidden[t])
+                dh = torch.addmm(step_grad[t - 1], da, w_hh)
+        return [d_w_hh, *grads]
+
+
 def elementwise_rnn(
     x: torch.Tensor,
     w_ih: torch.Tensor,
@@ -610,3 +728,15 @@ def normalised_lstm(
     [T, B, 4H] (see the module docstring)."""
     params = [p for norm in (norm_h, norm_c) for p in (norm.weight, norm.bias)]
     return NormalisedLSTM.apply(inputs, w_hh, norm_h, norm_c, *params)
+
+
+def normalised_rnn(
+    inputs: torch.Tensor,
+    w_hh: torch.Tensor,
+    norm: Normalisation,
+    activation: str,
+    slope: float = 0.0,
+) -> torch.Tensor:
+    """Hidden states [B, T, H] of a layer- or batch-norm vanilla RNN layer from its input term
+    [T, B, H] (see `NormalisedRNN`)."""
+    return NormalisedRNN.apply(inputs, w_hh, norm, activation, slope, norm.weight, norm.bias)

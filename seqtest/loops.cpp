@@ -1,5 +1,6 @@
 // The step loops of seqtest.bptt's hand-written BPTT, issued from C++ (built by
-// seqtest.native): the vanilla RNN's (ElementwiseRNN), the GRU's and the normalised LSTM's.
+// seqtest.native): the vanilla RNN's (ElementwiseRNN), the normalised RNN's, the GRU's and
+// the normalised LSTM's.
 //
 // Each loop is a line-by-line translation of the Python loop it replaces in seqtest/bptt.py:
 // the same ATen kernels, called in the same order on buffers laid out the same way, with two
@@ -12,8 +13,8 @@
 // trains. Everything outside the loops (the input products, the weight gradients summed
 // over all steps at once) stays in Python.
 //
-// Normalised LSTM: the per-step buffers and statistics stay in C++ (a Tape) between the two
-// passes. A normalisation arrives as the tuple (is_layer_norm, weight, bias or None, eps,
+// Normalised LSTM and RNN: the per-step buffers and statistics stay in C++ (a Tape, an
+// RNNTape) between the two passes. A normalisation arrives as the tuple (is_layer_norm, weight, bias or None, eps,
 // momentum, running means [L, F] or None, running variances or None); batch norm's
 // statistics of step t move row min(t, L - 1) of the running estimates
 // (seqtest.models.StepBatchNorm).
@@ -561,6 +562,69 @@ Tensor rnn_backward(const Tensor& grad_hidden, const Tensors& hidden_blocks,
   return d_w_hh;
 }
 
+// ---------------------------------------------------------------- normalised vanilla RNN
+
+// What NormalisedRNN's backward pass reads, per step.
+struct RNNTape {
+  Tensors a;           // what the normalisation read: z^x_t + W_hh h_{t-1} (LN), W_hh h_{t-1} (BN)
+  Tensors h;           // h_0 .. h_T (h_0 = 0)
+  Tensors mean, rstd;  // the normalisation's statistics
+};
+
+// NormalisedRNN._forward_steps: input term [T, B, H] -> (hidden states [B, T, H], the tape).
+std::tuple<Tensor, RNNTape> norm_rnn_forward(const Tensor& inputs, const Tensor& w_hh,
+                                             const Normalisation& norm,
+                                             const std::string& activation, double slope,
+                                             int64_t block_bytes) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t T = inputs.size(0), B = inputs.size(1), H = inputs.size(2);
+  const Tensor w_hh_t = w_hh.t().contiguous();
+  RNNTape tape{step_buffers(inputs, T, B, H, block_bytes)};
+  const bool inside = norm.layer;  // layer norm normalises the sum with the input term
+  Tensor h = at::zeros({B, H}, inputs.options());
+  tape.h.push_back(h);
+  const Tensors step_in = inputs.unbind(0);
+  for (int64_t t = 0; t < T; ++t) {
+    Tensor a = inside ? at::addmm_out(tape.a[t], step_in[t], h, w_hh_t)
+                      : at::mm_out(tape.a[t], h, w_hh_t);
+    auto [n, mean, rstd] = norm.forward(a, t);
+    if (!inside) n.add_(step_in[t]);
+    activate_(n, activation, slope);
+    h = n;
+    tape.h.push_back(h);
+    tape.mean.push_back(mean);
+    tape.rstd.push_back(rstd);
+  }
+  Tensor hidden = at::stack(at::TensorList(tape.h).slice(1), 1);
+  return {hidden, std::move(tape)};
+}
+
+// NormalisedRNN._backward_steps: writes dL/dz^x_t into `d_inputs` [T, B, H]; returns
+// (dL/dW_hh, the normalisation's d weight and d bias), a missing bias's gradient undefined.
+Tensors norm_rnn_backward(const RNNTape& tape, const Tensor& grad_hidden,
+                          const Tensor& d_inputs, const Tensor& w_hh, const Normalisation& norm,
+                          const std::string& activation, double slope) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t T = d_inputs.size(0);
+  const bool inside = norm.layer;
+  const Tensors step_grad = grad_hidden.unbind(1);
+  Tensors step_dz = d_inputs.unbind(0);
+  Tensor d_w_hh = at::zeros_like(w_hh);
+  Tensors grads;  // (d weight, d bias), summed over the steps
+  Tensor dh = step_grad[T - 1];
+  for (int64_t t = T - 1; t >= 0; --t) {
+    Tensor& dz = step_dz[t];
+    derivative(dz, dh, tape.h[t + 1], activation, slope);  // batch norm: dL/dz^x_t already
+    Tensor da = norm.backward(dz, tape.a[t], tape.mean[t], tape.rstd[t], grads);
+    if (inside) dz.copy_(da);
+    if (t > 0) {  // h_0 = 0: step 0 adds nothing to W_hh's gradient and has no h before
+      d_w_hh.addmm_(da.t(), tape.h[t]);
+      dh = at::addmm(step_grad[t - 1], da, w_hh);
+    }
+  }
+  return {d_w_hh, grads[0], grads[1]};
+}
+
 // ---------------------------------------------------------------- GRU
 
 // GRU.forward's loop: turns the input term's blocks into (r, z, n) in place, writes
@@ -632,6 +696,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Which tanh the loops run on this processor: avx512, avx2 or pytorch");
   m.def("rnn_forward", &rnn_forward, "ElementwiseRNN.forward's loop (over blocks of steps)");
   m.def("rnn_backward", &rnn_backward, "ElementwiseRNN.backward's loop; returns dL/dW_hh");
+  py::class_<RNNTape>(m, "RNNTape", "What the normalised RNN's backward pass reads");
+  m.def(
+      "norm_rnn_forward",
+      [](const Tensor& inputs, const Tensor& w_hh, const py::tuple& norm,
+         const std::string& activation, double slope, int64_t block_bytes) {
+        return norm_rnn_forward(inputs, w_hh, unpack(norm), activation, slope, block_bytes);
+      },
+      "Normalised RNN: input term [T, B, H] -> (hidden states [B, T, H], tape)");
+  m.def(
+      "norm_rnn_backward",
+      [](const RNNTape& tape, const Tensor& grad_hidden, const Tensor& d_inputs,
+         const Tensor& w_hh, const py::tuple& norm, const std::string& activation,
+         double slope) {
+        return norm_rnn_backward(tape, grad_hidden, d_inputs, w_hh, unpack(norm), activation,
+                                 slope);
+      },
+      "Writes dL/dz^x_t into d_inputs; returns dW_hh and the normalisation's d weight, d bias");
   m.def("gru_forward", &gru_forward, "GRU.forward's loop");
   m.def("gru_backward", &gru_backward, "GRU.backward's loop");
   py::class_<Tape>(m, "Tape", "The per-step buffers and statistics the backward pass reads");

@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqtest.bptt import RNN_ACTIVATIONS, Normalisation, elementwise_rnn, gru, normalised_lstm
+from seqtest.bptt import (
+    RNN_ACTIVATIONS,
+    SKINNY_INPUTS,
+    Normalisation,
+    elementwise_rnn,
+    gru,
+    normalised_lstm,
+    normalised_rnn,
+)
 from seqtest.errors import ConfigError, require, require_choice, require_positive_int
 from seqtest.init import SCHEMES, init_gate_blocks
 
@@ -331,6 +339,11 @@ class RecurrentLayer(nn.Module):
             return sigmoid_rnn_on_tanh_kernel(x, w_ih, w_hh, b_ih, b_hh, self.training)
         if path == "bptt" and self.config.cell == "rnn":
             config = self.config
+            if config.norm != "none":
+                (norm,) = self.normalisations()
+                return normalised_rnn(
+                    self.input_term(x), w_hh, norm, config.activation, config.leaky_slope
+                )
             return elementwise_rnn(
                 x, w_ih, w_hh, b_ih + b_hh, config.activation, config.leaky_slope
             )
@@ -346,9 +359,11 @@ class RecurrentLayer(nn.Module):
         docs/performance.md; each path is tested against the twin `unroll`):
 
         * "bptt": training with gradients on, a vanilla RNN with an activation of
-          `seqtest.bptt.RNN_ACTIVATIONS`, a GRU, or a layer- or batch-norm LSTM (batch norm
-          needs two samples for batch statistics): the hand-written BPTT of `seqtest.bptt`;
-          the plain LSTM keeps `nn.LSTM`, whose fused CPU kernel is faster than any loop;
+          `seqtest.bptt.RNN_ACTIVATIONS` (plain, or on the CPU with layer or batch norm), a
+          GRU, or a layer- or batch-norm LSTM (batch norm needs two samples for batch
+          statistics): the hand-written BPTT of `seqtest.bptt`; the plain LSTM keeps
+          `nn.LSTM`, whose fused CPU kernel is faster than any loop. (The normalised RNNs'
+          loops have not been measured on a GPU; there they keep the twin's loop.)
         * "fused": otherwise, cells PyTorch's kernels compute exactly (no autograd graph to
           build in evaluation, so the kernel is the fastest there), and on GPUs always for
           them: there cuDNN fuses the whole sequence;
@@ -364,19 +379,25 @@ class RecurrentLayer(nn.Module):
             if config.cell == "rnn" and config.norm == "none" and config.activation == "sigmoid":
                 return "tanh_kernel"
         if self.training and torch.is_grad_enabled():
-            if config.cell == "rnn" and config.norm == "none":
-                if config.activation in RNN_ACTIVATIONS:
+            batch_statistics = config.norm != "batch" or x.shape[0] >= 2
+            if config.cell == "rnn":
+                on_cpu = config.norm == "none" or x.device.type == "cpu"
+                if config.activation in RNN_ACTIVATIONS and on_cpu and batch_statistics:
                     return "bptt"
             elif config.cell == "gru":
                 return "bptt"
-            elif config.cell == "lstm" and config.norm != "none":
-                if config.norm == "layer" or x.shape[0] >= 2:
-                    return "bptt"
+            elif config.cell == "lstm" and config.norm != "none" and batch_statistics:
+                return "bptt"
         return "fused" if config.fused else "loop"
 
-    def normalisations(self) -> tuple[Normalisation, Normalisation]:
-        """The normalisations of W_hh h and of c, as `seqtest.bptt` takes them."""
-        modules = (self.norm_h, self.norm_c)
+    def normalisations(self) -> tuple[Normalisation, ...]:
+        """The normalisations inside the step loop, as `seqtest.bptt` takes them: the LSTM's
+        of W_hh h and of c; the RNN's one, of the pre-activation (layer norm) or of W_hh h
+        (batch norm)."""
+        if self.config.cell == "lstm":
+            modules = (self.norm_h, self.norm_c)
+        else:
+            modules = (self.norm_pre if self.config.norm == "layer" else self.norm_h,)
         if self.config.norm == "layer":
             return tuple(Normalisation("layer", n.weight, n.bias, n.eps) for n in modules)
         return tuple(
@@ -387,8 +408,10 @@ class RecurrentLayer(nn.Module):
         )
 
     def input_term(self, x: torch.Tensor) -> torch.Tensor:
-        """A normalised LSTM's input term N_x(W_ih x) + b_ih + b_hh of every step, time-major
-        [T, B, G*H], as the hand-written BPTT takes it (autograd differentiates it).
+        """A normalised LSTM's or RNN's input term N_x(W_ih x) + b_ih + b_hh of every step,
+        time-major [T, B, G*H], as the hand-written BPTT takes it (autograd differentiates
+        it); the layer-norm RNN normalises after adding the recurrent term, so its input
+        term is W_ih x + b_ih + b_hh.
 
         The same values as `project`, computed with fewer passes over [T, B, G*H]: with few
         inputs (`FEW_INPUTS`), layer norm's statistics come from the weights (the feature
@@ -398,11 +421,17 @@ class RecurrentLayer(nn.Module):
         normalising each step inside the loop instead cost one normalisation kernel forward
         and backward and two matrix products per step (docs/performance.md)."""
         w_ih, _, b_ih, b_hh = self.weights()
-        norm_x = self.norm_x
         if self.config.norm == "batch":  # (forward_linear adds N_x's own shift, if any)
-            return norm_x.forward_linear(x, w_ih, b_ih + b_hh, time_major=True)
-        shift = b_ih + b_hh + norm_x.bias
+            return self.norm_x.forward_linear(x, w_ih, b_ih + b_hh, time_major=True)
         steps = x.transpose(0, 1)  # [T, B, in]
+        if self.config.cell == "rnn":
+            if x.shape[-1] >= SKINNY_INPUTS:
+                return F.linear(steps, w_ih, b_ih + b_hh)
+            # few inputs: one product per step, so that autograd forms W_ih's gradient in
+            # the faster order (seqtest.bptt.input_weight_gradient) and sums it over steps
+            return torch.baddbmm(b_ih + b_hh, steps, w_ih.t().expand(x.shape[1], -1, -1))
+        norm_x = self.norm_x
+        shift = b_ih + b_hh + norm_x.bias
         if x.shape[-1] > FEW_INPUTS:
             return F.layer_norm(F.linear(steps, w_ih), norm_x.normalized_shape, norm_x.weight,
                                 shift, norm_x.eps)  # fmt: skip

@@ -107,16 +107,20 @@ def test_the_paired_ratio_cancels_a_change_of_speed_that_the_ratio_of_medians_ke
     assert bench.paired_ratio(times, "seqtest", "reference") == pytest.approx(0.9)
 
 
+@pytest.mark.parametrize("cell,per_step", [("lstm", 2), ("rnn", 1)])
 @pytest.mark.parametrize("norm,kernel", [("layer", "native_layer_norm"),
                                          ("batch", "native_batch_norm")])  # fmt: skip
-def test_the_norm_kernels_closure_runs_two_normalisations_per_step(norm, kernel):
-    """Forward and backward of two normalisations for each of the T steps, nothing else."""
-    step = bench.normalisation_kernels_step(norm, 4, 6, 8)
+def test_the_norm_kernels_closure_runs_the_cells_normalisations_per_step(
+    norm, kernel, cell, per_step
+):
+    """Forward and backward of the cell's normalisations (the LSTM's two, the RNN's one) for
+    each of the T steps, nothing else."""
+    step = bench.normalisation_kernels_step(norm, 4, 6, 8, cell=cell)
     with torch.profiler.profile() as profile:
         step()
     calls = {event.key: event.count for event in profile.key_averages()}
-    assert calls[f"aten::{kernel}"] == 2 * 6
-    assert calls[f"aten::{kernel}_backward"] == 2 * 6
+    assert calls[f"aten::{kernel}"] == per_step * 6
+    assert calls[f"aten::{kernel}_backward"] == per_step * 6
 
 
 def test_allocator_records_run_each_setting_in_its_own_process():

@@ -1,5 +1,6 @@
 """The models: shapes, batch-first layout, the unrolled twin equal to the fused kernels, and
-the hand-written BPTT of the normalised LSTMs equal to autograd through the twin."""
+every hand-written BPTT (vanilla and normalised RNNs, GRU, normalised LSTMs) equal to
+autograd through the twin."""
 
 from __future__ import annotations
 
@@ -87,7 +88,35 @@ def test_hand_written_bptt_matches_autograd_through_the_twin(norm, layers, resid
 
 
 @pytest.mark.parametrize("norm", ["layer", "batch"])
-def test_hand_written_bptt_matches_the_twin_with_buffers_split_into_blocks(norm, monkeypatch):
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu", "leaky_relu", "elu"])
+@pytest.mark.parametrize("layers,residual,bn_max_steps", [(1, False, 4), (2, True, 30)])
+def test_hand_written_normalised_rnn_bptt_matches_autograd_through_the_twin(
+    norm, activation, layers, residual, bn_max_steps
+):
+    """The layer- and batch-norm vanilla RNNs' training path (seqtest.bptt.NormalisedRNN)
+    against autograd through the twin, in float64, for every activation it takes: outputs,
+    gradients of the input and of every parameter (LN's gain and shift, both BNs' gains,
+    through the input term W_ih and the biases), the batch-norm running estimates (kept
+    for 4 of the 10 steps, or for all)."""
+    model = make(
+        "rnn", layers, norm=norm, activation=activation, residual=residual,
+        bn_max_steps=bn_max_steps, leaky_slope=0.1,
+    )  # fmt: skip
+    assert_bptt_matches_the_twin(model.double())
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_the_normalised_rnn_input_term_is_right_for_few_and_many_inputs(norm):
+    """Layer 1 reads SKINNY_INPUTS features (the layer-norm RNN's input term as one product
+    over all steps), layer 2 the 6 of layer 1 (one product per step)."""
+    torch.manual_seed(0)
+    model = build_model(dict(cell="rnn", hidden_size=6, num_layers=2, norm=norm), SKINNY_INPUTS, 2)
+    assert_bptt_matches_the_twin(model.double(), inputs=SKINNY_INPUTS)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_hand_written_bptt_matches_the_twin_with_buffers_split_into_blocks(cell, norm, monkeypatch):
     """At large sizes the per-step buffers are split into blocks (`step_buffers`); with
     blocks of one to eight steps the results are the same as the twin's."""
     from seqtest import bptt
@@ -99,7 +128,7 @@ def test_hand_written_bptt_matches_the_twin_with_buffers_split_into_blocks(norm,
         assert len(views) == 11 and all(v.shape == (5, 6) for v in views)
         blocks = {v.untyped_storage().data_ptr() for v in views}
         assert len(blocks) == -(-11 // steps_per_block)
-        model = make("lstm", 1, norm=norm, bn_max_steps=4).double()
+        model = make(cell, 1, norm=norm, bn_max_steps=4).double()
         assert_bptt_matches_the_twin(model)
 
 
@@ -126,14 +155,15 @@ def test_hand_written_rnn_and_gru_match_the_twin_with_buffers_split_into_blocks(
         assert_bptt_matches_the_twin(make(cell, 2, activation=activation).double())
 
 
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
 @pytest.mark.parametrize("norm", ["layer", "batch"])
-def test_normalised_lstm_backward_runs_once_and_leaves_a_leaf_input_alone(norm):
+def test_normalised_backward_runs_once_and_leaves_a_leaf_input_alone(cell, norm):
     """The backward pass writes dL/dz_t over the input term it was given, so a second pass
     through the same graph stops with an error; an input term that is a leaf tensor (whose
     memory its owner keeps) gets a fresh gradient instead, and is left unchanged."""
-    from seqtest.bptt import normalised_lstm
+    from seqtest.bptt import normalised_lstm, normalised_rnn
 
-    layer = make("lstm", 1, norm=norm).layers[0]
+    layer = make(cell, 1, norm=norm).layers[0]
     out = layer(torch.randn(4, 6, 3))
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once per forward"):
@@ -141,19 +171,23 @@ def test_normalised_lstm_backward_runs_once_and_leaves_a_leaf_input_alone(norm):
     inputs = layer.input_term(torch.randn(4, 6, 3)).detach().requires_grad_()
     before = inputs.detach().clone()
     w_hh = layer.weights()[1]
-    normalised_lstm(inputs, w_hh, *layer.normalisations()).sum().backward()
+    if cell == "lstm":
+        normalised_lstm(inputs, w_hh, *layer.normalisations()).sum().backward()
+    else:
+        normalised_rnn(inputs, w_hh, *layer.normalisations(), "tanh").sum().backward()
     assert torch.equal(inputs.detach(), before)
     assert inputs.grad is not None and not torch.equal(inputs.grad, before)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
 @pytest.mark.parametrize("norm", ["layer", "batch"])
-def test_hand_written_bptt_in_float32_is_as_accurate_as_autograd(norm):
+def test_hand_written_bptt_in_float32_is_as_accurate_as_autograd(cell, norm):
     """In float32 the two paths round differently. Against the float64 result, the
     hand-written one's largest gradient error (relative to each gradient's largest entry)
     is within 1e-5 or, where float32 itself cannot do that well (batch norm's gradients
     lose about 3e-5 to cancellation at this size, on both paths), within 1.5 times the
     error of autograd through the twin."""
-    model = make("lstm", 2, norm=norm, bn_max_steps=4).double()
+    model = make(cell, 2, norm=norm, bn_max_steps=4).double()
     x = torch.randn(5, 10, 3, dtype=torch.float64)
     weights = torch.randn(5, 10, 2, dtype=torch.float64)
     _, exact = gradients(copy.deepcopy(model), x, weights, unrolled=True)
@@ -179,6 +213,8 @@ def test_hand_written_bptt_is_used_only_for_training_with_gradients():
         (dict(cell="rnn", activation="tanh"), "fused"),
         (dict(cell="rnn", activation="relu"), "fused"),
         (dict(cell="rnn", activation="sigmoid"), "loop"),
+        (dict(cell="rnn", norm="layer"), "loop"),
+        (dict(cell="rnn", norm="batch", activation="relu"), "loop"),
     ]
     for kwargs, otherwise in cases:
         layer = make(layers=1, **kwargs).layers[0]
@@ -189,7 +225,9 @@ def test_hand_written_bptt_is_used_only_for_training_with_gradients():
     assert make("lstm", 1, norm="layer").layers[0].path(x[:1]) == "bptt"
     assert make("lstm", 1, norm="batch").layers[0].path(x[:1]) == "loop"
     assert make("rnn", 1, activation="prelu").layers[0].path(x) == "loop"
-    assert make("rnn", 1, norm="layer").layers[0].path(x) == "loop"
+    assert make("rnn", 1, activation="prelu", norm="layer").layers[0].path(x) == "loop"
+    assert make("rnn", 1, norm="layer").layers[0].path(x[:1]) == "bptt"
+    assert make("rnn", 1, norm="batch").layers[0].path(x[:1]) == "loop"
     assert make("lstm", 1).layers[0].path(x) == "fused"
     gru_layer = make("gru", 1).layers[0]
     assert gru_layer.path(x) == "bptt" and gru_layer.eval().path(x) == "fused"
