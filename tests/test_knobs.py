@@ -177,8 +177,8 @@ def test_step_batch_norm_in_eval_uses_running_estimates():
     assert torch.allclose(out, 0.1 * torch.tensor([[1.0, 0.0, -1.0]]), atol=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["ln_lstm", "bn_lstm"])
-def test_normalised_lstm_unrolled_twin_and_analysis_run(preset, make_cfg):
+@pytest.mark.parametrize("preset", ["ln_lstm", "bn_lstm", "ln_rnn", "bn_rnn"])
+def test_normalised_presets_unrolled_twin_and_analysis_run(preset, make_cfg):
     from omegaconf import OmegaConf
 
     config = ModelConfig(**OmegaConf.to_container(make_cfg(f"model={preset}").model))
