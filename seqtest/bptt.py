@@ -190,6 +190,18 @@ def input_term_blocks(
     return blocks
 
 
+def run_once(ctx, cell: str, overwritten: str) -> None:
+    """Mark a backward pass that overwrites what it reads as run; a second one through the same
+    graph (retain_graph=True) stops with an error that says what to use instead."""
+    if getattr(ctx, "spent", False):
+        raise RuntimeError(
+            f"the hand-written {cell} backward overwrites {overwritten} and runs once per "
+            "forward; for a second backward (retain_graph=True) use the model's "
+            "forward_unrolled, the step-by-step twin"
+        )
+    ctx.spent = True
+
+
 @dataclass
 class Normalisation:
     """One of the layer's normalisations, as the kernels need it. Layer norm normalises each
@@ -330,13 +342,7 @@ class NormalisedLSTM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_hidden):
-        if getattr(ctx, "spent", False):
-            raise RuntimeError(
-                "the hand-written normalised-LSTM backward overwrites its input term and runs "
-                "once per forward; for a second backward (retain_graph=True) use the model's "
-                "forward_unrolled, the step-by-step twin"
-            )
-        ctx.spent = True
+        run_once(ctx, "normalised-LSTM", "its input term")
         inputs, w_hh = ctx.saved_tensors
         norm_h, norm_c = ctx.norms
         # dL/dz_t (z_t = z^x_t + N_h(a_t)) is the input term's gradient; it is written over
@@ -543,13 +549,7 @@ class NormalisedRNN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_hidden):
-        if getattr(ctx, "spent", False):
-            raise RuntimeError(
-                "the hand-written normalised-RNN backward overwrites its input term and runs "
-                "once per forward; for a second backward (retain_graph=True) use the model's "
-                "forward_unrolled, the step-by-step twin"
-            )
-        ctx.spent = True
+        run_once(ctx, "normalised-RNN", "its input term")
         inputs, w_hh = ctx.saved_tensors
         d_inputs = inputs if ctx.overwrite_inputs else torch.empty_like(inputs)
         if ctx.compiled is not None:
@@ -648,13 +648,7 @@ class GRU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_hidden):
-        if getattr(ctx, "spent", False):
-            raise RuntimeError(
-                "the hand-written GRU backward overwrites its saved buffers and runs once per "
-                "forward; for a second backward (retain_graph=True) use the model's "
-                "forward_unrolled, the step-by-step twin"
-            )
-        ctx.spent = True
+        run_once(ctx, "GRU", "its saved buffers")
         steps, w_ih, w_hh = ctx.saved_tensors
         gates, recurrent, hidden = ctx.buffers
         T, B, _ = steps.shape
