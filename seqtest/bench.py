@@ -90,6 +90,7 @@ MODELS: dict[str, dict] = {
     "gru": dict(cell="gru"),
     "rnn_sigmoid": dict(cell="rnn", activation="sigmoid"),
     "rnn_relu": dict(cell="rnn", activation="relu"),
+    "rnn_prelu": dict(cell="rnn", activation="prelu"),
     "ln_lstm": dict(cell="lstm", norm="layer"),
     "bn_lstm": dict(cell="lstm", norm="batch"),
     "ln_rnn": dict(cell="rnn", norm="layer"),
@@ -107,6 +108,8 @@ REFERENCES: dict[str, tuple[str, tuple[str, ...], float]] = {
     "rnn_sigmoid": ("sigmoid RNN loop", ("nn.RNN",), 1.3),
     # the ReLU RNN (the IRNN's cell) has PyTorch's own module, so the plain cells' limit
     "rnn_relu": ("nn.RNN relu", ("nn.RNN relu",), 1.05),
+    # prelu (a learned slope per unit) has no PyTorch RNN module: the variants' limit
+    "rnn_prelu": ("nn.RNN", ("nn.RNN",), 1.3),
     "ln_lstm": ("LSTM loop", ("LSTM loop", "LSTM BPTT loop"), 1.2),
     "bn_lstm": ("LSTM loop", ("LSTM loop", "LSTM BPTT loop"), 1.2),
     # the tanh RNN with a normalisation inside its step: no fused kernel, so the limit of

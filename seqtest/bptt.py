@@ -427,10 +427,15 @@ RNN_ACTIVATIONS = ("tanh", "sigmoid", "relu", "leaky_relu", "elu")
 
 class ElementwiseRNN(torch.autograd.Function):
     """Layer input x [B, T, in] -> hidden states [B, T, H] of h_t = f(W_ih x_t + b + W_hh
-    h_{t-1}) from h_0 = 0, with b = b_ih + b_hh and f one of `RNN_ACTIVATIONS`."""
+    h_{t-1}) from h_0 = 0, with b = b_ih + b_hh and f one of `RNN_ACTIVATIONS`, or prelu
+    with the learned slopes `prelu_weight` [H]. Prelu's derivative needs the sign of the
+    pre-activation p_t, which its output does not tell where a slope is zero or negative,
+    and its slopes' gradient needs p_t itself: p_t is written over the input term (which
+    nothing reads afterwards) and kept for the backward pass; one prelu kernel per step
+    forward, one backward kernel per step in reverse (PyTorch's)."""
 
     @staticmethod
-    def forward(ctx, x, w_ih, w_hh, bias, activation, slope):
+    def forward(ctx, x, w_ih, w_hh, bias, activation, slope, prelu_weight=None):
         B, T, _ = x.shape
         H = w_hh.shape[0]
         steps = x.transpose(0, 1).contiguous()  # [T, B, in]
@@ -441,38 +446,39 @@ class ElementwiseRNN(torch.autograd.Function):
         w_hh_t = w_hh.t().contiguous()  # measured 15% faster in addmm than the transposed view
         compiled = ctx.compiled = native.loops()
         if compiled is not None:  # the same loop in C++ (seqtest.native)
-            compiled.rnn_forward(inputs, hidden, w_hh_t, activation, slope)
+            compiled.rnn_forward(inputs, hidden, w_hh_t, activation, slope, prelu_weight)
         else:
-            activate_ = _activate_(activation, slope)
             steps_in, hidden_steps = unbind_steps(inputs), unbind_steps(hidden)
-            for x_t, h_prev, h in zip(steps_in, hidden_steps[:-1], hidden_steps[1:], strict=True):
-                activate_(torch.addmm(x_t, h_prev, w_hh_t, out=h))
+            each_step = zip(steps_in, hidden_steps[:-1], hidden_steps[1:], strict=True)
+            if prelu_weight is not None:
+                for x_t, h_prev, h in each_step:  # p_t over the input term
+                    h.copy_(torch._prelu_kernel(x_t.addmm_(h_prev, w_hh_t), prelu_weight))
+            else:
+                activate_ = _activate_(activation, slope)
+                for x_t, h_prev, h in each_step:
+                    activate_(torch.addmm(x_t, h_prev, w_hh_t, out=h))
         ctx.activation = activation, slope
         ctx.hidden = hidden
-        ctx.save_for_backward(steps, w_ih, w_hh)
+        ctx.pre = inputs if prelu_weight is not None else []
+        ctx.save_for_backward(steps, w_ih, w_hh, prelu_weight)
         return batch_first(hidden)
 
     @staticmethod
     def backward(ctx, grad_hidden):
-        steps, w_ih, w_hh = ctx.saved_tensors
+        steps, w_ih, w_hh, prelu_weight = ctx.saved_tensors
         T, B, _ = steps.shape
         H = w_hh.shape[0]
         grad_hidden = grad_hidden.transpose(0, 1)  # [T, B, H]
         d_pre = step_blocks(steps, T, ctx.per_block, B, H)  # dL/d(pre-activation) per step
         if ctx.compiled is not None:
-            d_w_hh = ctx.compiled.rnn_backward(
-                grad_hidden, ctx.hidden, d_pre, w_hh, *ctx.activation
+            d_w_hh, d_prelu = ctx.compiled.rnn_backward(
+                grad_hidden, ctx.hidden, d_pre, w_hh, *ctx.activation, ctx.pre, prelu_weight
             )
         else:
-            derivative = _derivative(*ctx.activation)
-            hidden, d_pre_steps = unbind_steps(ctx.hidden), unbind_steps(d_pre)
-            d_w_hh = torch.zeros_like(w_hh)
-            dh = grad_hidden[T - 1].clone()
-            for t in range(T - 1, -1, -1):
-                dp = derivative(dh, hidden[t + 1], d_pre_steps[t])
-                if t > 0:  # h_0 = 0: step 0 adds nothing to W_hh's gradient
-                    d_w_hh.addmm_(dp.t(), hidden[t])
-                    dh = torch.addmm(grad_hidden[t - 1], dp, w_hh)
+            d_w_hh, d_prelu = ElementwiseRNN._backward_steps(
+                grad_hidden, unbind_steps(ctx.hidden), unbind_steps(d_pre), w_hh,
+                *ctx.activation, unbind_steps(ctx.pre), prelu_weight,
+            )  # fmt: skip
         d_w_ih, d_bias, d_x = [], [], []
         for start, d in zip(range(0, T, ctx.per_block), d_pre, strict=True):
             n = d.shape[0]
@@ -482,7 +488,28 @@ class ElementwiseRNN(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 d_x.append(flat.mm(w_ih))
         d_x = torch.cat(d_x).view(T, B, -1).transpose(0, 1) if d_x else None
-        return d_x, sum_of(d_w_ih), d_w_hh, sum_of(d_bias), None, None
+        return d_x, sum_of(d_w_ih), d_w_hh, sum_of(d_bias), None, None, d_prelu
+
+    @staticmethod
+    def _backward_steps(grad_hidden, hidden, d_pre, w_hh, activation, slope, pre, prelu_weight):
+        """The backward loop over per-step views (loops.cpp's `rnn_backward`, line by line):
+        fills `d_pre`; returns dL/dW_hh and the prelu slopes' gradient (None without)."""
+        T = len(d_pre)
+        derivative = _derivative(activation, slope) if prelu_weight is None else None
+        d_w_hh = torch.zeros_like(w_hh)
+        d_slopes = None if prelu_weight is None else torch.zeros_like(hidden[0])  # per unit
+        dh = grad_hidden[T - 1].clone()
+        for t in range(T - 1, -1, -1):
+            if derivative is not None:
+                dp = derivative(dh, hidden[t + 1], d_pre[t])
+            else:
+                dp, d_slope = aten._prelu_kernel_backward(dh, pre[t], prelu_weight)
+                dp = d_pre[t].copy_(dp)
+                d_slopes += d_slope
+            if t > 0:  # h_0 = 0: step 0 adds nothing to W_hh's gradient
+                d_w_hh.addmm_(dp.t(), hidden[t])
+                dh = torch.addmm(grad_hidden[t - 1], dp, w_hh)
+        return d_w_hh, None if d_slopes is None else d_slopes.sum(0)
 
 
 class NormalisedRNN(torch.autograd.Function):
@@ -595,9 +622,11 @@ def elementwise_rnn(
     bias: torch.Tensor,
     activation: str,
     slope: float = 0.0,
+    prelu_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Hidden states [B, T, H] of a vanilla RNN layer (see `ElementwiseRNN`)."""
-    return ElementwiseRNN.apply(x, w_ih, w_hh, bias, activation, slope)
+    """Hidden states [B, T, H] of a vanilla RNN layer (see `ElementwiseRNN`); `prelu_weight`
+    [H], the slopes, with ``activation="prelu"``."""
+    return ElementwiseRNN.apply(x, w_ih, w_hh, bias, activation, slope, prelu_weight)
 
 
 class GRU(torch.autograd.Function):

@@ -14,9 +14,9 @@
 // over all steps at once) stays in Python.
 //
 // Normalised LSTM and RNN: the per-step buffers and statistics stay in C++ (a Tape, an
-// RNNTape) between the two passes. A normalisation arrives as the tuple (is_layer_norm, weight, bias or None, eps,
-// momentum, running means [L, F] or None, running variances or None); batch norm's
-// statistics of step t move row min(t, L - 1) of the running estimates
+// RNNTape) between the two passes. A normalisation arrives as the tuple (is_layer_norm,
+// weight, bias or None, eps, momentum, running means [L, F] or None, running variances or
+// None); batch norm's statistics of step t move row min(t, L - 1) of the running estimates
 // (seqtest.models.StepBatchNorm).
 
 #include <ATen/ATen.h>
@@ -529,37 +529,52 @@ void derivative(Tensor& out, const Tensor& grad, const Tensor& y, const std::str
 }
 
 // ElementwiseRNN.forward's loop: h_t into the hidden blocks (h_{t-1} at step t, h_0 = 0 set)
-// from the input term's blocks.
+// from the input term's blocks; with prelu's slopes, p_t is written over the input term.
 void rnn_forward(const Tensors& input_blocks, const Tensors& hidden_blocks,
-                 const Tensor& w_hh_t, const std::string& activation, double slope) {
+                 const Tensor& w_hh_t, const std::string& activation, double slope,
+                 const c10::optional<Tensor>& prelu_weight) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensors inputs = steps_of(input_blocks), hidden = steps_of(hidden_blocks);
   const int64_t T = static_cast<int64_t>(inputs.size());
   for (int64_t t = 0; t < T; ++t) {
     Tensor h = hidden[t + 1];
-    at::addmm_out(h, inputs[t], hidden[t], w_hh_t);
-    activate_(h, activation, slope);
+    if (prelu_weight.has_value()) {
+      h.copy_(at::_prelu_kernel(inputs[t].addmm_(hidden[t], w_hh_t), *prelu_weight));
+    } else {
+      at::addmm_out(h, inputs[t], hidden[t], w_hh_t);
+      activate_(h, activation, slope);
+    }
   }
 }
 
-// ElementwiseRNN.backward's loop: fills the d_pre blocks; returns dL/dW_hh.
-Tensor rnn_backward(const Tensor& grad_hidden, const Tensors& hidden_blocks,
-                    const Tensors& d_pre_blocks, const Tensor& w_hh,
-                    const std::string& activation, double slope) {
+// ElementwiseRNN._backward_steps: fills the d_pre blocks; returns dL/dW_hh and the prelu
+// slopes' gradient (undefined without: None), reading p_t from `pre_blocks` for prelu.
+Tensors rnn_backward(const Tensor& grad_hidden, const Tensors& hidden_blocks,
+                     const Tensors& d_pre_blocks, const Tensor& w_hh,
+                     const std::string& activation, double slope, const Tensors& pre_blocks,
+                     const c10::optional<Tensor>& prelu_weight) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensors hidden = steps_of(hidden_blocks), d_pre = steps_of(d_pre_blocks);
+  const Tensors pre = steps_of(pre_blocks);
   const int64_t T = static_cast<int64_t>(d_pre.size());
   Tensor d_w_hh = at::zeros_like(w_hh);
+  Tensor d_slopes = prelu_weight.has_value() ? at::zeros_like(hidden[0]) : Tensor();
   Tensor dh = grad_hidden.select(0, T - 1).clone();
   for (int64_t t = T - 1; t >= 0; --t) {
     Tensor dp = d_pre[t];
-    derivative(dp, dh, hidden[t + 1], activation, slope);
+    if (prelu_weight.has_value()) {
+      auto [d_input, d_slope] = at::_prelu_kernel_backward(dh, pre[t], *prelu_weight);
+      dp.copy_(d_input);
+      d_slopes.add_(d_slope);
+    } else {
+      derivative(dp, dh, hidden[t + 1], activation, slope);
+    }
     if (t > 0) {  // h_0 = 0: step 0 adds nothing to W_hh's gradient
       d_w_hh.addmm_(dp.t(), hidden[t]);
       dh = at::addmm(grad_hidden.select(0, t - 1), dp, w_hh);
     }
   }
-  return d_w_hh;
+  return {d_w_hh, d_slopes.defined() ? d_slopes.sum(0) : Tensor()};
 }
 
 // ---------------------------------------------------------------- normalised vanilla RNN
@@ -695,7 +710,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "tanh_kernel_name", [] { return std::string(chosen_tanh_kernel().second); },
       "Which tanh the loops run on this processor: avx512, avx2 or pytorch");
   m.def("rnn_forward", &rnn_forward, "ElementwiseRNN.forward's loop (over blocks of steps)");
-  m.def("rnn_backward", &rnn_backward, "ElementwiseRNN.backward's loop; returns dL/dW_hh");
+  m.def("rnn_backward", &rnn_backward,
+        "ElementwiseRNN.backward's loop; returns dL/dW_hh and the prelu slopes' gradient");
   py::class_<RNNTape>(m, "RNNTape", "What the normalised RNN's backward pass reads");
   m.def(
       "norm_rnn_forward",

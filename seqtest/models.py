@@ -344,8 +344,9 @@ class RecurrentLayer(nn.Module):
                 return normalised_rnn(
                     self.input_term(x), w_hh, norm, config.activation, config.leaky_slope
                 )
+            slopes = self.activation.weight if config.activation == "prelu" else None
             return elementwise_rnn(
-                x, w_ih, w_hh, b_ih + b_hh, config.activation, config.leaky_slope
+                x, w_ih, w_hh, b_ih + b_hh, config.activation, config.leaky_slope, slopes
             )
         if path == "bptt" and self.config.cell == "gru":
             return gru(x, w_ih, w_hh, b_ih, b_hh)
@@ -359,11 +360,12 @@ class RecurrentLayer(nn.Module):
         docs/performance.md; each path is tested against the twin `unroll`):
 
         * "bptt": training with gradients on, a vanilla RNN with an activation of
-          `seqtest.bptt.RNN_ACTIVATIONS` (plain, or on the CPU with layer or batch norm), a
-          GRU, or a layer- or batch-norm LSTM (batch norm needs two samples for batch
-          statistics): the hand-written BPTT of `seqtest.bptt`; the plain LSTM keeps
-          `nn.LSTM`, whose fused CPU kernel is faster than any loop. (The normalised RNNs'
-          loops have not been measured on a GPU; there they keep the twin's loop.)
+          `seqtest.bptt.RNN_ACTIVATIONS` (plain, or on the CPU with layer or batch norm) or
+          with prelu (plain, on the CPU), a GRU, or a layer- or batch-norm LSTM (batch norm
+          needs two samples for batch statistics): the hand-written BPTT of `seqtest.bptt`;
+          the plain LSTM keeps `nn.LSTM`, whose fused CPU kernel is faster than any loop.
+          (The normalised and prelu RNNs' loops have not been measured on a GPU; there they
+          keep the twin's loop.)
         * "fused": otherwise, cells PyTorch's kernels compute exactly (no autograd graph to
           build in evaluation, so the kernel is the fastest there), and on GPUs always for
           them: there cuDNN fuses the whole sequence;
@@ -381,8 +383,11 @@ class RecurrentLayer(nn.Module):
         if self.training and torch.is_grad_enabled():
             batch_statistics = config.norm != "batch" or x.shape[0] >= 2
             if config.cell == "rnn":
-                on_cpu = config.norm == "none" or x.device.type == "cpu"
-                if config.activation in RNN_ACTIVATIONS and on_cpu and batch_statistics:
+                on_cpu = x.device.type == "cpu"
+                if config.norm == "none":
+                    if config.activation in RNN_ACTIVATIONS or on_cpu:  # (on_cpu: prelu)
+                        return "bptt"
+                elif config.activation in RNN_ACTIVATIONS and on_cpu and batch_statistics:
                     return "bptt"
             elif config.cell == "gru":
                 return "bptt"

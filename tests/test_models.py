@@ -133,7 +133,9 @@ def test_hand_written_bptt_matches_the_twin_with_buffers_split_into_blocks(cell,
 
 
 @pytest.mark.parametrize("loops", ["off", "require"])
-@pytest.mark.parametrize("cell,activation", [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh")])
+@pytest.mark.parametrize(
+    "cell,activation", [("rnn", "tanh"), ("rnn", "relu"), ("rnn", "prelu"), ("gru", "tanh")]
+)
 def test_hand_written_rnn_and_gru_match_the_twin_with_buffers_split_into_blocks(
     cell, activation, loops, monkeypatch
 ):
@@ -205,7 +207,7 @@ def test_hand_written_bptt_in_float32_is_as_accurate_as_autograd(cell, norm):
 
 def test_hand_written_bptt_is_used_only_for_training_with_gradients():
     """Evaluation and no_grad run the fused kernel where there is one, else the twin's loop;
-    so do one-sample batch-norm batches and the prelu RNN (a learned slope)."""
+    so do one-sample batch-norm batches and the normalised prelu RNN."""
     x = torch.randn(3, 4, 3)
     cases = [
         (dict(cell="lstm", norm="layer"), "loop"),
@@ -213,6 +215,7 @@ def test_hand_written_bptt_is_used_only_for_training_with_gradients():
         (dict(cell="rnn", activation="tanh"), "fused"),
         (dict(cell="rnn", activation="relu"), "fused"),
         (dict(cell="rnn", activation="sigmoid"), "loop"),
+        (dict(cell="rnn", activation="prelu"), "loop"),
         (dict(cell="rnn", norm="layer"), "loop"),
         (dict(cell="rnn", norm="batch", activation="relu"), "loop"),
     ]
@@ -224,7 +227,6 @@ def test_hand_written_bptt_is_used_only_for_training_with_gradients():
         assert layer.eval().path(x) == otherwise, kwargs
     assert make("lstm", 1, norm="layer").layers[0].path(x[:1]) == "bptt"
     assert make("lstm", 1, norm="batch").layers[0].path(x[:1]) == "loop"
-    assert make("rnn", 1, activation="prelu").layers[0].path(x) == "loop"
     assert make("rnn", 1, activation="prelu", norm="layer").layers[0].path(x) == "loop"
     assert make("rnn", 1, norm="layer").layers[0].path(x[:1]) == "bptt"
     assert make("rnn", 1, norm="batch").layers[0].path(x[:1]) == "loop"
@@ -247,6 +249,22 @@ def test_hand_written_rnn_and_gru_bptt_match_autograd_through_the_twin(
     and every parameter."""
     model = make(cell, layers, activation=activation, residual=residual, leaky_slope=0.1)
     assert_bptt_matches_the_twin(model.double())
+
+
+@pytest.mark.parametrize("layers,residual", [(1, False), (2, True)])
+@pytest.mark.parametrize("slopes", ["positive", "zero", "mixed"])
+def test_hand_written_prelu_rnn_bptt_matches_autograd_through_the_twin(slopes, layers, residual):
+    """The prelu RNN's training path (`ElementwiseRNN` with the slopes) against autograd
+    through the twin, in float64, with every slope positive, every slope zero, and slopes of
+    both signs (where the output's sign no longer tells the pre-activation's): outputs and
+    the gradients of the input and every parameter, the slopes included."""
+    model = make("rnn", layers, activation="prelu", residual=residual).double()
+    values = {"positive": torch.full((6,), 0.2), "zero": torch.zeros(6),
+              "mixed": torch.linspace(-0.3, 0.5, 6)}[slopes]  # fmt: skip
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.activation.weight.copy_(values)
+    assert_bptt_matches_the_twin(model)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru"])

@@ -114,7 +114,10 @@ def test_compiled_normalised_rnn_loops_equal_the_python_loops(norm, activation, 
 @pytest.mark.parametrize(
     "kwargs",
     [dict(cell="gru")]
-    + [dict(cell="rnn", activation=a) for a in ("tanh", "sigmoid", "relu", "leaky_relu", "elu")],
+    + [
+        dict(cell="rnn", activation=a)
+        for a in ("tanh", "sigmoid", "relu", "leaky_relu", "elu", "prelu")
+    ],
     ids=lambda kwargs: kwargs.get("activation", kwargs["cell"]),
 )
 def test_compiled_rnn_and_gru_loops_are_bit_identical_to_the_python_loops(
