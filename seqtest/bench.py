@@ -7,7 +7,7 @@ the allocator settings.
     python -m seqtest.bench --only steps --models lstm bn_lstm --grid 64,200,128
     python -m seqtest.bench --device cuda           # the training steps on a GPU
 
-Six measurements, each a list of records (``kind`` tells them apart):
+Seven measurements, each a list of records (``kind`` tells them apart):
 
 * ``step``: seqtest's whole training step (`seqtest.train.train_step`: task.sample, model,
   task.loss, backward, `clip_gradients`, the optimiser step of a run: Adam on PyTorch's
@@ -26,6 +26,8 @@ Six measurements, each a list of records (``kind`` tells them apart):
   failed). Timed interleaved on ``--threads`` torch threads, seqtest / reference, then
   reference / seqtest, and so on: the medians of the rounds, their ratio, and the median of
   each round's ratio (``paired_ratio``).
+* ``path``: seqtest's step on the path it takes against the same step on the twin's step
+  loop under autograd (`path_records`): what each hand-written or fused path saves.
 * ``optimizer``: the two optimisers' steps alone, over each model's parameters: how much of
   a step record's ratio the fused Adam accounts for.
 * ``gemm``: the two orders of an input weight's gradient, grad' x and (x' grad)', for the
@@ -43,7 +45,7 @@ Six measurements, each a list of records (``kind`` tells them apart):
   those plus no mapped blocks at all (``SEQTEST_MALLOC=no_mmap``, opt-in).
 
 ``--device cuda`` runs the step comparison on a GPU (both sides; timings wait for the
-queued kernels), and the optimiser steps with them. The other four measure the CPU and run
+queued kernels), and the optimiser steps with them. The other five measure the CPU and run
 only when asked for with ``--only``.
 
 The benchmark configures torch as a run does (`seqtest.run.configure_torch`): subnormals
@@ -74,7 +76,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from seqtest import allocator, bptt, native
-from seqtest.models import ModelConfig, build_model, count_parameters
+from seqtest.models import ModelConfig, build_model, count_parameters, train_on_twin_loop
 from seqtest.run import configure_torch
 from seqtest.tasks.adding import AddingTask
 from seqtest.train import TrainConfig, train_step
@@ -118,7 +120,7 @@ REFERENCES: dict[str, tuple[str, tuple[str, ...], float]] = {
     "bn_rnn": ("nn.RNN", ("nn.RNN",), 1.3),
 }
 
-SECTIONS = ("steps", "optimizer", "gemm", "probes", "parallel", "allocator")
+SECTIONS = ("steps", "paths", "optimizer", "gemm", "probes", "parallel", "allocator")
 #: The bare reference's optimiser: ``torch.optim.Adam`` as PyTorch builds it by default (a loop
 #: of small ops per parameter tensor on the CPU). seqtest's runs use the fused kernel.
 REFERENCE_OPTIMIZER = "Adam"
@@ -376,11 +378,19 @@ def seqtest_model(
 
 
 def seqtest_step(
-    model: str, batch: int, length: int, hidden: int, seed: int = 0, device: str = "cpu"
+    model: str,
+    batch: int,
+    length: int,
+    hidden: int,
+    seed: int = 0,
+    device: str = "cpu",
+    twin_loop: bool = False,
 ) -> Callable:
     """A closure running one step of seqtest's training loop (`seqtest.train.train_step`)
-    on `device`."""
+    on `device`; with `twin_loop`, every layer on the twin's step loop
+    (`seqtest.models.train_on_twin_loop`). Its ``path`` says which path the layers take."""
     task, net = seqtest_model(model, hidden, length, seed, device)
+    train_on_twin_loop(net, twin_loop)
     net.train()
     parameters = [p for p in net.parameters() if p.requires_grad]
     optimizer = run_optimizer(net.parameters())
@@ -391,6 +401,7 @@ def seqtest_step(
         train_step(net, task, optimizer, parameters, train_config, generator)
 
     step.optimizer = describe(optimizer)
+    step.path = net.layers[0].path(torch.empty(batch, length, task.input_size, device=device))
     return step
 
 
@@ -551,6 +562,53 @@ def step_records(
                     f"(paired {record['paired_ratio']:.3f})  vs {target_of} "
                     f"{record['target_ratio']:.3f} (paired {record['target_paired_ratio']:.3f}; "
                     f"target <= {limit}){with_norms}"
+                )
+    return records
+
+
+# ---------------------------------------------------------------- paths against the twin's loop
+
+
+def path_records(
+    models: Iterable[str],
+    grid: Iterable[tuple[int, int, int]],
+    rounds: int = 5,
+    budget_s: float = 0.5,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """seqtest's training step on the path each model takes (`RecurrentLayer.path`: the
+    hand-written BPTT, or a fused kernel) against the same step with every layer on the
+    twin's step loop under autograd (`seqtest.models.train_on_twin_loop`), interleaved: what
+    each path saves over the reference loop, and what a cell on that loop would cost.
+    Records: ``kind`` "path", ``model``, ``B``, ``T``, ``H``, ``path``, ``seqtest_ms``,
+    ``twin_loop_ms``, ``ratio`` (of the medians) and ``paired_ratio``."""
+    records = []
+    for B, T, H in grid:
+        for model in models:
+            fast = seqtest_step(model, B, T, H)
+            steps = {"seqtest": fast, "twin loop": seqtest_step(model, B, T, H, twin_loop=True)}
+            times = interleaved(steps, rounds, _repeats_for(steps["twin loop"], budget_s))
+            seqtest_ms, twin_ms = (1000 * statistics.median(times[name]) for name in steps)
+            record = {
+                "kind": "path",
+                "model": model,
+                "B": B,
+                "T": T,
+                "H": H,
+                "path": fast.path,
+                "seqtest_ms": seqtest_ms,
+                "twin_loop_ms": twin_ms,
+                "ratio": seqtest_ms / twin_ms,
+                "paired_ratio": paired_ratio(times, "seqtest", "twin loop"),
+                "rounds": rounds,
+                "loops": native.status(),
+            }
+            records.append(record)
+            if log:
+                log(
+                    f"path {model:12s} B={B:<4d} T={T:<4d} H={H:<4d} {fast.path:6s} "
+                    f"{seqtest_ms:8.2f} ms  twin loop {twin_ms:8.2f} ms  ratio "
+                    f"{record['ratio']:.3f} (paired {record['paired_ratio']:.3f})"
                 )
     return records
 
@@ -1060,7 +1118,7 @@ def main(argv=None) -> list[dict]:
     )  # fmt: skip
     parser.add_argument(
         "--only", nargs="+", choices=SECTIONS,
-        help="which measurements (default: all six on the CPU, steps and optimizer on cuda)",
+        help="which measurements (default: all seven on the CPU, steps and optimizer on cuda)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1082,6 +1140,8 @@ def main(argv=None) -> list[dict]:
         records += step_records(
             args.models, grid, rounds, budget, args.repeats, log=log, device=args.device
         )
+    if "paths" in args.only:
+        records += path_records(args.models, grid, rounds, 0.25 if quick else 1.0, log=log)
     if "optimizer" in args.only:
         hidden_sizes = sorted({H for _, _, H in grid})
         records += optimizer_records(args.models, hidden_sizes, rounds,

@@ -292,6 +292,7 @@ class RecurrentLayer(nn.Module):
     def __init__(self, config: ModelConfig, input_size: int) -> None:
         super().__init__()
         self.config = config
+        self.twin_loop = False  # `train_on_twin_loop`
         cell, H = config.cell, config.hidden_size
         kind = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
         extra = {}
@@ -372,8 +373,11 @@ class RecurrentLayer(nn.Module):
         * "tanh_kernel": the sigmoid RNN on a GPU, as the tanh RNN it is in disguise
           (`sigmoid_rnn_on_tanh_kernel`): cuDNN's kernel instead of a loop that launches
           kernels step by step (4-15x the tanh RNN's step time on an H200);
-        * "loop": the rest, the twin's step-by-step loop.
+        * "loop": the rest, the twin's step-by-step loop; and every layer of a model given to
+          `train_on_twin_loop`.
         """
+        if self.twin_loop:
+            return "loop"
         config = self.config
         if x.device.type != "cpu":
             if config.fused:
@@ -517,6 +521,17 @@ class RecurrentLayer(nn.Module):
         n_pre = x_n + r * h_n
         h = (1 - z) * torch.tanh(n_pre) + z * h
         return (h, c), torch.cat([x_r + h_r, x_z + h_z, n_pre], dim=-1)
+
+
+def train_on_twin_loop(model: nn.Module, on: bool = True) -> nn.Module:
+    """Make every recurrent layer of `model` run the twin's step loop (`RecurrentLayer.path`
+    "loop"), in training too, whatever path it would take (``on=False`` undoes it): the
+    reference that the hand-written and fused paths are tested and measured against
+    (`seqtest.bench.path_records`). Returns `model`."""
+    for module in model.modules():
+        if isinstance(module, RecurrentLayer):
+            module.twin_loop = on
+    return model
 
 
 class RecurrentModel(nn.Module):

@@ -62,6 +62,19 @@ def test_the_seqtest_side_uses_the_optimiser_a_run_builds(make_cfg):
     assert (record["seqtest_optimizer"], record["reference_optimizer"]) == ("Adam(fused)", "Adam")
 
 
+def test_path_records_time_each_models_path_against_the_twin_loop():
+    records = bench.path_records(["rnn", "lstm", "ln_rnn"], [(4, 6, 8)], rounds=1, budget_s=0.001)
+    assert [(r["kind"], r["model"], r["path"]) for r in records] == [
+        ("path", "rnn", "bptt"), ("path", "lstm", "fused"), ("path", "ln_rnn", "bptt")
+    ]  # fmt: skip
+    for record in records:
+        assert (record["B"], record["T"], record["H"]) == (4, 6, 8)
+        assert record["ratio"] == pytest.approx(record["seqtest_ms"] / record["twin_loop_ms"])
+        assert record["paired_ratio"] > 0
+    assert bench.seqtest_step("gru", 2, 3, 4).path == "bptt"
+    assert bench.seqtest_step("gru", 2, 3, 4, twin_loop=True).path == "loop"
+
+
 def test_optimizer_records_time_both_optimisers_over_the_models_parameters():
     records = bench.optimizer_records(["rnn", "ln_lstm"], [8], rounds=1, budget_s=0.01)
     assert [(r["kind"], r["model"], r["H"]) for r in records] == [

@@ -235,6 +235,25 @@ def test_hand_written_bptt_is_used_only_for_training_with_gradients():
     assert gru_layer.path(x) == "bptt" and gru_layer.eval().path(x) == "fused"
 
 
+def test_train_on_twin_loop_puts_every_layer_on_the_twins_loop_and_back():
+    """The reference the benchmark measures each path against: in training, with gradients,
+    every layer takes the twin's loop, and gets the twin's outputs and gradients."""
+    from seqtest.models import train_on_twin_loop
+
+    x, weights = torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(3, 5, 2).double()
+    for kwargs in (dict(cell="rnn"), dict(cell="gru"), dict(cell="lstm", norm="layer")):
+        model = make(layers=2, **kwargs).double()
+        fast = [layer.path(x) for layer in model.layers]
+        assert train_on_twin_loop(model) is model
+        assert all(layer.path(x) == "loop" for layer in model.layers)
+        out, grads = gradients(model, x, weights)
+        out_twin, grads_twin = gradients(model, x, weights, unrolled=True)
+        assert torch.allclose(out, out_twin, atol=1e-12)
+        assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, grads_twin, strict=True))
+        train_on_twin_loop(model, on=False)
+        assert [layer.path(x) for layer in model.layers] == fast == ["bptt", "bptt"]
+
+
 @pytest.mark.parametrize(
     "cell,activation",
     [("rnn", "tanh"), ("rnn", "sigmoid"), ("rnn", "relu"), ("rnn", "leaky_relu"),
