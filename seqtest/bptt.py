@@ -515,7 +515,7 @@ class ElementwiseRNN(torch.autograd.Function):
 
 class NormalisedRNN(torch.autograd.Function):
     """Normalised input term [T, B, H] -> hidden states [B, T, H] of a layer- or batch-norm
-    vanilla RNN from h_0 = 0, with f one of `RNN_ACTIVATIONS`:
+    vanilla RNN from h_0 = 0, with f one of `RNN_ACTIVATIONS` or prelu:
 
         layer norm (Ba et al. 2016):         h_t = f(LN(z^x_t + W_hh h_{t-1}))
         batch norm (Cooijmans et al. 2016):  h_t = f(z^x_t + BN_t(W_hh h_{t-1}))
@@ -525,42 +525,45 @@ class NormalisedRNN(torch.autograd.Function):
     (`RecurrentLayer.input_term`); its gradient dL/dz^x_t is what this function returns for
     it, written over it as in `NormalisedLSTM`. The other inputs: W_hh [H, H], the
     normalisation inside the loop (`Normalisation`: LN for layer norm, BN_t for batch norm),
-    the activation and its slope, then the normalisation's weight and bias (None where it has
-    none), so that autograd routes their gradients. Per step: one product, one normalisation
-    kernel, one activation in place (batch norm adds the input term), and their backward
-    kernels in reverse, with the activation's derivative taken from its output.
+    the activation and its slope, prelu's slopes [H] (or None), then the normalisation's
+    weight and bias (None where it has none), so that autograd routes their gradients. Per
+    step: one product, one normalisation kernel, one activation in place (batch norm adds the
+    input term), and their backward kernels in reverse, with the activation's derivative
+    taken from its output; prelu keeps each step's pre-activation instead (see
+    `ElementwiseRNN`).
     """
 
     @staticmethod
-    def forward(ctx, inputs, w_hh, norm, activation, slope, *norm_params):
+    def forward(ctx, inputs, w_hh, norm, activation, slope, prelu_weight, *norm_params):
         compiled = native.loops()
         ctx.compiled = compiled
         ctx.norm = norm
         ctx.activation = activation, slope
         ctx.overwrite_inputs = not inputs.is_leaf
-        ctx.save_for_backward(inputs, w_hh)
+        ctx.save_for_backward(inputs, w_hh, prelu_weight)
         if compiled is not None:  # the same loop in C++, its buffers kept there (the tape)
             hidden, ctx.tape = compiled.norm_rnn_forward(
-                inputs, w_hh, norm.as_tuple(), activation, slope, BLOCK_BYTES
+                inputs, w_hh, norm.as_tuple(), activation, slope, prelu_weight, BLOCK_BYTES
             )
             return hidden
         T, B, H = inputs.shape
         w_hh_t = w_hh.t().contiguous()  # (see ElementwiseRNN)
         ctx.step_a = step_buffers(inputs, T, B, H)  # what the normalisation reads, per step
         norm.prepare(T)
-        ctx.hidden, ctx.stats = NormalisedRNN._forward_steps(
-            inputs, w_hh_t, ctx.step_a, norm, activation, slope
+        ctx.hidden, ctx.pre, ctx.stats = NormalisedRNN._forward_steps(
+            inputs, w_hh_t, ctx.step_a, norm, activation, slope, prelu_weight
         )
         return torch.stack(ctx.hidden[1:], dim=1)
 
     @staticmethod
-    def _forward_steps(inputs, w_hh_t, step_a, norm, activation, slope):
+    def _forward_steps(inputs, w_hh_t, step_a, norm, activation, slope, prelu_weight):
         """The forward loop (loops.cpp's `norm_rnn_forward`, line by line): returns the hidden
-        states h_0 .. h_T and the normalisation's statistics of every step, ([mean], [rstd])."""
-        activate_ = _activate_(activation, slope)
+        states h_0 .. h_T, prelu's pre-activations (none for the other activations) and the
+        normalisation's statistics of every step, ([mean], [rstd])."""
+        activate_ = _activate_(activation, slope) if prelu_weight is None else None
         inside = norm.kind == "layer"  # layer norm normalises the sum with the input term
         h = inputs.new_zeros(inputs.shape[1], w_hh_t.shape[1])
-        hidden, means, rstds = [h], [], []
+        hidden, pre, means, rstds = [h], [], [], []
         for t, z_x in enumerate(inputs.unbind(0)):
             if inside:
                 a = torch.addmm(z_x, h, w_hh_t, out=step_a[t])
@@ -569,51 +572,65 @@ class NormalisedRNN(torch.autograd.Function):
             n, mean, rstd = norm.forward(a, t)
             if not inside:
                 n += z_x
-            h = activate_(n)
+            if activate_ is not None:
+                h = activate_(n)
+            else:
+                pre.append(n)
+                h = torch._prelu_kernel(n, prelu_weight)
             hidden.append(h)
             means.append(mean)
             rstds.append(rstd)
-        return hidden, (means, rstds)
+        return hidden, pre, (means, rstds)
 
     @staticmethod
     def backward(ctx, grad_hidden):
         run_once(ctx, "normalised-RNN", "its input term")
-        inputs, w_hh = ctx.saved_tensors
+        inputs, w_hh, prelu_weight = ctx.saved_tensors
         d_inputs = inputs if ctx.overwrite_inputs else torch.empty_like(inputs)
         if ctx.compiled is not None:
             grads = ctx.compiled.norm_rnn_backward(
-                ctx.tape, grad_hidden, d_inputs, w_hh, ctx.norm.as_tuple(), *ctx.activation
-            )
+                ctx.tape, grad_hidden, d_inputs, w_hh, ctx.norm.as_tuple(), *ctx.activation,
+                prelu_weight,
+            )  # fmt: skip
             del ctx.tape  # (the step buffers: freed now, not with the graph)
         else:
             grads = NormalisedRNN._backward_steps(
                 grad_hidden.unbind(1), d_inputs.unbind(0), w_hh, ctx.step_a, ctx.hidden,
-                ctx.stats, ctx.norm, *ctx.activation,
+                ctx.pre, ctx.stats, ctx.norm, *ctx.activation, prelu_weight,
             )  # fmt: skip
         return (d_inputs, grads[0], None, None, None, *grads[1:])
 
     @staticmethod
-    def _backward_steps(step_grad, step_dz, w_hh, step_a, hidden, stats, norm, activation, slope):
+    def _backward_steps(
+        step_grad, step_dz, w_hh, step_a, hidden, pre, stats, norm, activation, slope,
+        prelu_weight,
+    ):  # fmt: skip
         """The backward loop (loops.cpp's `norm_rnn_backward`, line by line): writes dL/dz^x_t
-        into `step_dz`; returns dL/dW_hh and the normalisation's summed d weight and d bias
-        (None for a missing bias)."""
-        derivative = _derivative(activation, slope)
+        into `step_dz`; returns dL/dW_hh, the prelu slopes' gradient (None without) and the
+        normalisation's summed d weight and d bias (None for a missing bias)."""
+        derivative = _derivative(activation, slope) if prelu_weight is None else None
         inside = norm.kind == "layer"
         means, rstds = stats
         T = len(step_dz)
         d_w_hh = torch.zeros_like(w_hh)
+        d_slopes = None if prelu_weight is None else torch.zeros_like(hidden[0])  # per unit
         grads: list = []  # (d weight, d bias) of the normalisation, summed over the steps
         dh = step_grad[T - 1]
         for t in range(T - 1, -1, -1):
-            dz = step_dz[t]
-            d_pre = derivative(dh, hidden[t + 1], dz)  # batch norm: dL/dz^x_t already
+            dz = step_dz[t]  # batch norm: dL/d(pre-activation) is dL/dz^x_t already
+            if derivative is not None:
+                d_pre = derivative(dh, hidden[t + 1], dz)
+            else:
+                d_pre, d_slope = aten._prelu_kernel_backward(dh, pre[t], prelu_weight)
+                d_pre = dz.copy_(d_pre)
+                d_slopes += d_slope
             da = norm.backward(d_pre, step_a[t], means[t], rstds[t], grads)
             if inside:
                 dz.copy_(da)
             if t > 0:  # h_0 = 0: step 0 adds nothing to W_hh's gradient and has no h before
                 d_w_hh.addmm_(da.t(), hidden[t])
                 dh = torch.addmm(step_grad[t - 1], da, w_hh)
-        return [d_w_hh, *grads]
+        return [d_w_hh, None if d_slopes is None else d_slopes.sum(0), *grads]
 
 
 def elementwise_rnn(
@@ -760,7 +777,10 @@ def normalised_rnn(
     norm: Normalisation,
     activation: str,
     slope: float = 0.0,
+    prelu_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hidden states [B, T, H] of a layer- or batch-norm vanilla RNN layer from its input term
-    [T, B, H] (see `NormalisedRNN`)."""
-    return NormalisedRNN.apply(inputs, w_hh, norm, activation, slope, norm.weight, norm.bias)
+    [T, B, H] (see `NormalisedRNN`); `prelu_weight` [H], the slopes, with prelu."""
+    return NormalisedRNN.apply(
+        inputs, w_hh, norm, activation, slope, prelu_weight, norm.weight, norm.bias
+    )

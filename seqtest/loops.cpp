@@ -583,6 +583,7 @@ Tensors rnn_backward(const Tensor& grad_hidden, const Tensors& hidden_blocks,
 struct RNNTape {
   Tensors a;           // what the normalisation read: z^x_t + W_hh h_{t-1} (LN), W_hh h_{t-1} (BN)
   Tensors h;           // h_0 .. h_T (h_0 = 0)
+  Tensors pre;         // prelu: the pre-activations (none for the other activations)
   Tensors mean, rstd;  // the normalisation's statistics
 };
 
@@ -590,6 +591,7 @@ struct RNNTape {
 std::tuple<Tensor, RNNTape> norm_rnn_forward(const Tensor& inputs, const Tensor& w_hh,
                                              const Normalisation& norm,
                                              const std::string& activation, double slope,
+                                             const c10::optional<Tensor>& prelu_weight,
                                              int64_t block_bytes) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t T = inputs.size(0), B = inputs.size(1), H = inputs.size(2);
@@ -604,8 +606,13 @@ std::tuple<Tensor, RNNTape> norm_rnn_forward(const Tensor& inputs, const Tensor&
                       : at::mm_out(tape.a[t], h, w_hh_t);
     auto [n, mean, rstd] = norm.forward(a, t);
     if (!inside) n.add_(step_in[t]);
-    activate_(n, activation, slope);
-    h = n;
+    if (prelu_weight.has_value()) {
+      tape.pre.push_back(n);
+      h = at::_prelu_kernel(n, *prelu_weight);
+    } else {
+      activate_(n, activation, slope);
+      h = n;
+    }
     tape.h.push_back(h);
     tape.mean.push_back(mean);
     tape.rstd.push_back(rstd);
@@ -615,21 +622,30 @@ std::tuple<Tensor, RNNTape> norm_rnn_forward(const Tensor& inputs, const Tensor&
 }
 
 // NormalisedRNN._backward_steps: writes dL/dz^x_t into `d_inputs` [T, B, H]; returns
-// (dL/dW_hh, the normalisation's d weight and d bias), a missing bias's gradient undefined.
+// (dL/dW_hh, the prelu slopes' gradient, the normalisation's d weight and d bias), a
+// missing one undefined.
 Tensors norm_rnn_backward(const RNNTape& tape, const Tensor& grad_hidden,
                           const Tensor& d_inputs, const Tensor& w_hh, const Normalisation& norm,
-                          const std::string& activation, double slope) {
+                          const std::string& activation, double slope,
+                          const c10::optional<Tensor>& prelu_weight) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t T = d_inputs.size(0);
   const bool inside = norm.layer;
   const Tensors step_grad = grad_hidden.unbind(1);
   Tensors step_dz = d_inputs.unbind(0);
   Tensor d_w_hh = at::zeros_like(w_hh);
+  Tensor d_slopes = prelu_weight.has_value() ? at::zeros_like(tape.h[0]) : Tensor();
   Tensors grads;  // (d weight, d bias), summed over the steps
   Tensor dh = step_grad[T - 1];
   for (int64_t t = T - 1; t >= 0; --t) {
-    Tensor& dz = step_dz[t];
-    derivative(dz, dh, tape.h[t + 1], activation, slope);  // batch norm: dL/dz^x_t already
+    Tensor& dz = step_dz[t];  // batch norm: dL/d(pre-activation) is dL/dz^x_t already
+    if (prelu_weight.has_value()) {
+      auto [d_pre, d_slope] = at::_prelu_kernel_backward(dh, tape.pre[t], *prelu_weight);
+      dz.copy_(d_pre);
+      d_slopes.add_(d_slope);
+    } else {
+      derivative(dz, dh, tape.h[t + 1], activation, slope);
+    }
     Tensor da = norm.backward(dz, tape.a[t], tape.mean[t], tape.rstd[t], grads);
     if (inside) dz.copy_(da);
     if (t > 0) {  // h_0 = 0: step 0 adds nothing to W_hh's gradient and has no h before
@@ -637,7 +653,7 @@ Tensors norm_rnn_backward(const RNNTape& tape, const Tensor& grad_hidden,
       dh = at::addmm(step_grad[t - 1], da, w_hh);
     }
   }
-  return {d_w_hh, grads[0], grads[1]};
+  return {d_w_hh, d_slopes.defined() ? d_slopes.sum(0) : Tensor(), grads[0], grads[1]};
 }
 
 // ---------------------------------------------------------------- GRU
@@ -716,19 +732,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "norm_rnn_forward",
       [](const Tensor& inputs, const Tensor& w_hh, const py::tuple& norm,
-         const std::string& activation, double slope, int64_t block_bytes) {
-        return norm_rnn_forward(inputs, w_hh, unpack(norm), activation, slope, block_bytes);
+         const std::string& activation, double slope, const c10::optional<Tensor>& prelu_weight,
+         int64_t block_bytes) {
+        return norm_rnn_forward(inputs, w_hh, unpack(norm), activation, slope, prelu_weight,
+                                block_bytes);
       },
       "Normalised RNN: input term [T, B, H] -> (hidden states [B, T, H], tape)");
   m.def(
       "norm_rnn_backward",
       [](const RNNTape& tape, const Tensor& grad_hidden, const Tensor& d_inputs,
          const Tensor& w_hh, const py::tuple& norm, const std::string& activation,
-         double slope) {
+         double slope, const c10::optional<Tensor>& prelu_weight) {
         return norm_rnn_backward(tape, grad_hidden, d_inputs, w_hh, unpack(norm), activation,
-                                 slope);
+                                 slope, prelu_weight);
       },
-      "Writes dL/dz^x_t into d_inputs; returns dW_hh and the normalisation's d weight, d bias");
+      "Writes dL/dz^x_t into d_inputs; returns dW_hh, the prelu slopes' gradient and the "
+      "normalisation's d weight, d bias");
   m.def("gru_forward", &gru_forward, "GRU.forward's loop");
   m.def("gru_backward", &gru_backward, "GRU.backward's loop");
   py::class_<Tape>(m, "Tape", "The per-step buffers and statistics the backward pass reads");

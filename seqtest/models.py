@@ -340,12 +340,12 @@ class RecurrentLayer(nn.Module):
             return sigmoid_rnn_on_tanh_kernel(x, w_ih, w_hh, b_ih, b_hh, self.training)
         if path == "bptt" and self.config.cell == "rnn":
             config = self.config
+            slopes = self.activation.weight if config.activation == "prelu" else None
             if config.norm != "none":
                 (norm,) = self.normalisations()
                 return normalised_rnn(
-                    self.input_term(x), w_hh, norm, config.activation, config.leaky_slope
+                    self.input_term(x), w_hh, norm, config.activation, config.leaky_slope, slopes
                 )
-            slopes = self.activation.weight if config.activation == "prelu" else None
             return elementwise_rnn(
                 x, w_ih, w_hh, b_ih + b_hh, config.activation, config.leaky_slope, slopes
             )
@@ -360,10 +360,10 @@ class RecurrentLayer(nn.Module):
         """How `forward` computes this layer, the fastest measured for the cell (benchmarks:
         docs/performance.md; each path is tested against the twin `unroll`):
 
-        * "bptt": training with gradients on, a vanilla RNN with an activation of
-          `seqtest.bptt.RNN_ACTIVATIONS` (plain, or on the CPU with layer or batch norm) or
-          with prelu (plain, on the CPU), a GRU, or a layer- or batch-norm LSTM (batch norm
-          needs two samples for batch statistics): the hand-written BPTT of `seqtest.bptt`;
+        * "bptt": training with gradients on, a vanilla RNN (with an activation of
+          `seqtest.bptt.RNN_ACTIVATIONS`; on the CPU, with prelu or with layer or batch norm
+          too), a GRU, or a layer- or batch-norm LSTM (batch norm needs two samples for batch
+          statistics): the hand-written BPTT of `seqtest.bptt`;
           the plain LSTM keeps `nn.LSTM`, whose fused CPU kernel is faster than any loop.
           (The normalised and prelu RNNs' loops have not been measured on a GPU; there they
           keep the twin's loop.)
@@ -391,7 +391,7 @@ class RecurrentLayer(nn.Module):
                 if config.norm == "none":
                     if config.activation in RNN_ACTIVATIONS or on_cpu:  # (on_cpu: prelu)
                         return "bptt"
-                elif config.activation in RNN_ACTIVATIONS and on_cpu and batch_statistics:
+                elif on_cpu and batch_statistics:
                     return "bptt"
             elif config.cell == "gru":
                 return "bptt"

@@ -97,7 +97,8 @@ def test_compiled_normalised_lstm_loops_equal_the_python_loops(
 @needs_toolchain
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("norm,activation", [("layer", "tanh"), ("layer", "elu"),
-                                             ("batch", "tanh"), ("batch", "relu")])  # fmt: skip
+                                             ("layer", "prelu"), ("batch", "tanh"),
+                                             ("batch", "relu"), ("batch", "prelu")])  # fmt: skip
 def test_compiled_normalised_rnn_loops_equal_the_python_loops(norm, activation, dtype, monkeypatch):
     """Two layers, batch norm with statistics for 4 of the 12 steps: to the last bit with layer
     norm, to rounding with batch norm (our own kernel)."""
