@@ -429,11 +429,13 @@ def _time(step: Callable, repeats: int) -> float:
 
 
 def interleaved(
-    steps: dict[str, Callable], rounds: int, repeats: int, warmup: int = 2
+    steps: dict[str, Callable], rounds: int, repeats: int, warmup: int = 2, settle: int = 0
 ) -> dict[str, list[float]]:
     """Time each closure `repeats` steps at a time, in turn, for `rounds` rounds: the seconds
     per step of each, round by round. The order reverses every other round (A B C, C B A,
-    ...), so that a machine whose speed drifts during a round favours no closure."""
+    ...), so that a machine whose speed drifts during a round favours no closure. `settle`
+    untimed steps start each turn: the first step after a different workload's turn can pay
+    for memory that workload left behind (`path_records`)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -441,6 +443,8 @@ def interleaved(
     order = list(steps)
     for round_ in range(rounds):
         for name in order if round_ % 2 == 0 else reversed(order):
+            for _ in range(settle):
+                steps[name]()
             times[name].append(_time(steps[name], repeats))
     return times
 
@@ -584,13 +588,19 @@ def path_records(
     twin's step loop under autograd (`seqtest.models.train_on_twin_loop`), interleaved: what
     each path saves over the reference loop, and what a cell on that loop would cost.
     Records: ``kind`` "path", ``model``, ``B``, ``T``, ``H``, ``path``, ``seqtest_ms``,
-    ``twin_loop_ms``, ``ratio`` (of the medians) and ``paired_ratio``."""
+    ``twin_loop_ms``, ``ratio`` (of the medians) and ``paired_ratio``.
+
+    Each turn starts with an untimed step (`interleaved`'s `settle`): measured at the largest
+    size, the fused LSTM's first step after a step of the twin's loop took 0.9-1.3 s against
+    0.45 s for the ones after it, so with one timed step per turn the fused side read
+    864 ms."""
     records = []
     for B, T, H in grid:
         for model in models:
             fast = seqtest_step(model, B, T, H)
             steps = {"seqtest": fast, "twin loop": seqtest_step(model, B, T, H, twin_loop=True)}
-            times = interleaved(steps, rounds, _repeats_for(steps["twin loop"], budget_s))
+            repeats = _repeats_for(steps["twin loop"], budget_s)
+            times = interleaved(steps, rounds, repeats, settle=1)
             seqtest_ms, twin_ms = (1000 * statistics.median(times[name]) for name in steps)
             record = {
                 "kind": "path",

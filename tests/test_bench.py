@@ -107,6 +107,9 @@ def test_rounds_alternate_their_order_and_time_every_closure_each_round():
     times = bench.interleaved(steps, rounds=3, repeats=2, warmup=1)
     assert order == list("abc") + list("aabbcc") + list("ccbbaa") + list("aabbcc")
     assert {name: len(values) for name, values in times.items()} == dict(a=3, b=3, c=3)
+    order.clear()  # `settle`: an untimed step starts each turn
+    bench.interleaved(steps, rounds=2, repeats=1, warmup=0, settle=1)
+    assert order == list("aabbcc") + list("ccbbaa")
 
 
 def test_the_paired_ratio_cancels_a_change_of_speed_that_the_ratio_of_medians_keeps():
