@@ -464,11 +464,13 @@ def tanh_kernel_name() -> str | None:
 
 
 def interleaved_us(
-    closures: dict[str, Callable], rounds: int, budget_s: float, calibrate: str
+    closures: dict[str, Callable], rounds: int, budget_s: float, calibrate: str, settle: int = 0
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """`interleaved` with as many repeats as fill about `budget_s` for closure `calibrate`:
-    each closure's median in microseconds, and the seconds per call of every round."""
-    times = interleaved(closures, rounds, _repeats_for(closures[calibrate], budget_s))
+    """`interleaved` with as many repeats as fill about `budget_s` for closure `calibrate`
+    (and `settle` untimed steps at the start of each turn): each closure's median in
+    microseconds, and the seconds per call of every round."""
+    repeats = _repeats_for(closures[calibrate], budget_s)
+    times = interleaved(closures, rounds, repeats, settle=settle)
     return {name: 1e6 * statistics.median(values) for name, values in times.items()}, times
 
 
@@ -599,9 +601,8 @@ def path_records(
         for model in models:
             fast = seqtest_step(model, B, T, H)
             steps = {"seqtest": fast, "twin loop": seqtest_step(model, B, T, H, twin_loop=True)}
-            repeats = _repeats_for(steps["twin loop"], budget_s)
-            times = interleaved(steps, rounds, repeats, settle=1)
-            seqtest_ms, twin_ms = (1000 * statistics.median(times[name]) for name in steps)
+            medians, times = interleaved_us(steps, rounds, budget_s, "twin loop", settle=1)
+            seqtest_ms, twin_ms = (medians[name] / 1000 for name in steps)
             record = {
                 "kind": "path",
                 "model": model,
