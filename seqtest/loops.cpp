@@ -3,11 +3,12 @@
 // the normalised LSTM's.
 //
 // Each loop is a line-by-line translation of the Python loop it replaces in seqtest/bptt.py:
-// the same ATen kernels, called in the same order on buffers laid out the same way, with two
-// exceptions: tanh and the BN-LSTM's recurrent batch norms run our own kernels (below),
-// which round differently from PyTorch's (both are tested against float64 computations).
-// With the tanh kernel swapped into the Python loops, the results of everything but the
-// BN-LSTM are bit-identical (tests/test_native.py). What changes is the cost of
+// the same ATen kernels, called in the same order on buffers laid out the same way, with three
+// exceptions: tanh, the BN-LSTM's recurrent batch norms and the float32 GRU's element-wise
+// step run our own kernels (below), which round differently from PyTorch's (all are tested
+// against float64 computations). With the tanh kernel swapped into the Python loops, the
+// results of everything but the BN-LSTM and that GRU are bit-identical (tests/test_native.py).
+// What changes is the cost of
 // issuing them: up to about 24 small kernels per time step, plus a Python object for every
 // per-step view, which from Python cost more than the arithmetic at the sizes a testbed
 // trains. Everything outside the loops (the input products, the weight gradients summed
@@ -28,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -66,41 +68,58 @@ namespace {
 using TanhKernel = void (*)(float*, const float*, int64_t);
 
 #ifdef SEQTEST_TANH_KERNELS
+// exp(y) for -88 <= y <= 20 (tanh_of's and sigmoid_of's arguments): 2^k exp(r) with
+// k = round(y / ln 2), r = y - k ln 2 (ln 2 in two parts) and exp(r) by its Taylor series
+// to r^7, 2^k from its exponent bits: -127 <= k <= 29, and 2^-127 reads as 0, so that
+// exp(y) is 0 below about -87.7 (under the smallest normal float, 1.2e-38, from -87.3).
+__attribute__((always_inline)) inline float exp_of(float y) {
+  const float round = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float k = (y * 1.44269504088896341f + round) - round;
+  const float r = (y - k * 0.693359375f) + k * 2.12194440e-4f;  // ln 2 = 0.693359375 - ...
+  float e = 1.0f / 5040.0f;
+  e = e * r + 1.0f / 720.0f;
+  e = e * r + 1.0f / 120.0f;
+  e = e * r + 1.0f / 24.0f;
+  e = e * r + 1.0f / 6.0f;
+  e = e * r + 0.5f;
+  e = e * r + 1.0f;
+  e = e * r + 1.0f;
+  const int32_t exponent = (static_cast<int32_t>(k) + 127) << 23;
+  float two_to_k;
+  std::memcpy(&two_to_k, &exponent, sizeof two_to_k);
+  return e * two_to_k;
+}
+
+__attribute__((always_inline)) inline float tanh_of(float x) {
+  const float a = std::fabs(x);
+  const float s = a * a;
+  float p = -443861162.0f / 1856156927625.0f;
+  p = p * s + 6404582.0f / 10854718875.0f;
+  p = p * s - 929569.0f / 638512875.0f;
+  p = p * s + 21844.0f / 6081075.0f;
+  p = p * s - 1382.0f / 155925.0f;
+  p = p * s + 62.0f / 2835.0f;
+  p = p * s - 17.0f / 315.0f;
+  p = p * s + 2.0f / 15.0f;
+  p = p * s - 1.0f / 3.0f;
+  const float near_zero = a + a * s * p;
+  const float far = 1.0f - 2.0f / (exp_of(2.0f * (a > 10.0f ? 10.0f : a)) + 1.0f);
+  const float t = std::copysign(a < 0.625f ? near_zero : far, x);
+  return x == x ? t : x;  // (NaN passes the clamp: NaN > 10 is false)
+}
+
+// sigmoid(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) below, e = exp(-|x|) (so that neither
+// cancels); |x| clamped at 88, where sigmoid(-x) is 0 (below 1.2e-38 a run flushes it anyway).
+__attribute__((always_inline)) inline float sigmoid_of(float x) {
+  const float a = std::fabs(x);
+  const float e = exp_of(-(a > 88.0f ? 88.0f : a));
+  const float y = (x < 0.0f ? e : 1.0f) / (1.0f + e);
+  return x == x ? y : x;
+}
+
 __attribute__((always_inline)) inline void tanh_loop(float* out, const float* in, int64_t n) {
 #pragma GCC ivdep  // out may be in (in place): element i is read before it is written
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = in[i];
-    const float a = std::fabs(x);
-    const float s = a * a;
-    float p = -443861162.0f / 1856156927625.0f;
-    p = p * s + 6404582.0f / 10854718875.0f;
-    p = p * s - 929569.0f / 638512875.0f;
-    p = p * s + 21844.0f / 6081075.0f;
-    p = p * s - 1382.0f / 155925.0f;
-    p = p * s + 62.0f / 2835.0f;
-    p = p * s - 17.0f / 315.0f;
-    p = p * s + 2.0f / 15.0f;
-    p = p * s - 1.0f / 3.0f;
-    const float near_zero = a + a * s * p;
-    const float y = 2.0f * (a > 10.0f ? 10.0f : a);  // (NaN passes: NaN > 10 is false)
-    const float round = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-    const float k = (y * 1.44269504088896341f + round) - round;
-    const float r = (y - k * 0.693359375f) + k * 2.12194440e-4f;  // ln 2 = 0.693359375 - ...
-    float e = 1.0f / 5040.0f;
-    e = e * r + 1.0f / 720.0f;
-    e = e * r + 1.0f / 120.0f;
-    e = e * r + 1.0f / 24.0f;
-    e = e * r + 1.0f / 6.0f;
-    e = e * r + 0.5f;
-    e = e * r + 1.0f;
-    e = e * r + 1.0f;
-    const int32_t exponent = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, 0 <= k <= 29
-    float two_to_k;
-    std::memcpy(&two_to_k, &exponent, sizeof two_to_k);
-    const float far = 1.0f - 2.0f / (e * two_to_k + 1.0f);
-    const float t = std::copysign(a < 0.625f ? near_zero : far, x);
-    out[i] = x == x ? t : x;
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = tanh_of(in[i]);
 }
 
 __attribute__((target("avx512f,avx2,fma"))) void tanh_avx512(float* out, const float* in,
@@ -110,6 +129,16 @@ __attribute__((target("avx512f,avx2,fma"))) void tanh_avx512(float* out, const f
 
 __attribute__((target("avx2,fma"))) void tanh_avx2(float* out, const float* in, int64_t n) {
   tanh_loop(out, in, n);
+}
+
+// sigmoid_of over an array, for tests (the GRU kernels below inline it).
+__attribute__((target("avx512f,avx2,fma"))) void sigmoid_avx512(float* out, const float* in,
+                                                                int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = sigmoid_of(in[i]);
+}
+
+__attribute__((target("avx2,fma"))) void sigmoid_avx2(float* out, const float* in, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = sigmoid_of(in[i]);
 }
 #endif
 
@@ -658,6 +687,149 @@ Tensors norm_rnn_backward(const RNNTape& tape, const Tensor& grad_hidden,
 
 // ---------------------------------------------------------------- GRU
 
+// One GRU time step's element-wise work in one pass over each row, forward and backward:
+// PyTorch's kernels take 5 passes forward and 10 backward, each a call of a few
+// microseconds on a [B, H] step, and at the sizes a testbed trains those calls cost as much
+// as the step's matrix products (docs/performance.md). Built like the tanh kernel (for
+// AVX-512 and for AVX2 with FMA, chosen by the processor, float32 only); elsewhere the loops
+// below call PyTorch's kernels as the Python loop does. The gates round differently from
+// PyTorch's (sigmoid_of within 1.5 ulp of the exact sigmoid, tanh_of within 1.35), so the
+// fused loops agree with the Python loops to rounding (tests/test_native.py).
+
+// A step's rows, as row pointers and row strides (in floats).
+struct GruRows {
+  float* gates;         // [B, 3H]: the input term in, (r, z, n) out
+  float* recurrent;     // [B, 3H]: W_hh h_{t-1} + b_hh in; backward: its gradient out
+  const float* h_prev;  // [B, H]: h_{t-1}
+  float* h;             // [B, H]: forward: h_t out; backward: dL/dh_t in
+  float* d_n;           // [B, H]: backward: dL/dn out
+  const float* grad_prev;  // [B, H]: backward: dL/dh_{t-1} from the layer above, or null
+  float* base;          // [B, H]: backward: dL/dh_{t-1} from the step's z path + grad_prev
+  int64_t gates_stride, recurrent_stride, h_prev_stride, h_stride, d_n_stride;
+  int64_t grad_prev_stride, base_stride, H;
+};
+
+using GruRowKernel = void (*)(const GruRows&, int64_t, int64_t);
+
+#ifdef SEQTEST_TANH_KERNELS
+// Rows [begin, end) forward: r, z = sigmoid(x_{r,z} + W_h{r,z} h + b_h{r,z}),
+// n = tanh(x_n + r (W_hn h + b_hn)), h_t = n + z (h_{t-1} - n).
+__attribute__((always_inline)) inline void gru_forward_loop(const GruRows& s, int64_t begin,
+                                                            int64_t end) {
+  const int64_t H = s.H;
+  for (int64_t row = begin; row < end; ++row) {
+    // a pointer per gate's block: the blocks do not overlap, which lets GCC vectorise
+    float* __restrict__ r_out = s.gates + row * s.gates_stride;
+    float* __restrict__ z_out = r_out + H;
+    float* __restrict__ n_out = r_out + 2 * H;
+    const float* __restrict__ rec_r = s.recurrent + row * s.recurrent_stride;
+    const float* __restrict__ rec_z = rec_r + H;
+    const float* __restrict__ rec_n = rec_r + 2 * H;
+    const float* __restrict__ h_prev = s.h_prev + row * s.h_prev_stride;
+    float* __restrict__ h = s.h + row * s.h_stride;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const float r = sigmoid_of(r_out[j] + rec_r[j]);
+      const float z = sigmoid_of(z_out[j] + rec_z[j]);
+      const float n = tanh_of(n_out[j] + r * rec_n[j]);
+      r_out[j] = r;
+      z_out[j] = z;
+      n_out[j] = n;
+      h[j] = n + z * (h_prev[j] - n);
+    }
+  }
+}
+
+// Rows [begin, end) backward, from dL/dh_t (`h`): writes dL/dn, the gradient of
+// W_hh h_{t-1} + b_hh over it (r and z blocks: also the input term's; n block: dL/dn * r)
+// and, with grad_prev, base = dL/dh_t * z + grad_prev (the caller adds the product with W_hh).
+template <bool kPrevious>
+__attribute__((always_inline)) inline void gru_backward_loop(const GruRows& s, int64_t begin,
+                                                             int64_t end) {
+  const int64_t H = s.H;
+  for (int64_t row = begin; row < end; ++row) {
+    const float* __restrict__ r = s.gates + row * s.gates_stride;
+    const float* __restrict__ z = r + H;
+    const float* __restrict__ n = r + 2 * H;
+    float* __restrict__ d_r = s.recurrent + row * s.recurrent_stride;
+    float* __restrict__ d_z = d_r + H;
+    float* __restrict__ d_hn = d_r + 2 * H;  // in: W_hn h_{t-1} + b_hn
+    const float* __restrict__ h_prev = s.h_prev + row * s.h_prev_stride;
+    const float* __restrict__ dh = s.h + row * s.h_stride;
+    float* __restrict__ d_n = s.d_n + row * s.d_n_stride;
+    const float* __restrict__ grad_prev = s.grad_prev + row * s.grad_prev_stride;
+    float* __restrict__ base = s.base + row * s.base_stride;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const float through_z = dh[j] * z[j];
+      const float dn = (dh[j] - through_z) * (1.0f - n[j] * n[j]);
+      d_n[j] = dn;
+      d_r[j] = dn * d_hn[j] * (r[j] * (1.0f - r[j]));
+      d_z[j] = dh[j] * (h_prev[j] - n[j]) * (z[j] * (1.0f - z[j]));
+      d_hn[j] = dn * r[j];
+      if (kPrevious) base[j] = through_z + grad_prev[j];
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx2,fma"))) void gru_forward_avx512(const GruRows& s,
+                                                                    int64_t b, int64_t e) {
+  gru_forward_loop(s, b, e);
+}
+__attribute__((target("avx2,fma"))) void gru_forward_avx2(const GruRows& s, int64_t b,
+                                                          int64_t e) {
+  gru_forward_loop(s, b, e);
+}
+template <bool kPrevious>
+__attribute__((target("avx512f,avx2,fma"))) void gru_backward_avx512(const GruRows& s,
+                                                                     int64_t b, int64_t e) {
+  gru_backward_loop<kPrevious>(s, b, e);
+}
+template <bool kPrevious>
+__attribute__((target("avx2,fma"))) void gru_backward_avx2(const GruRows& s, int64_t b,
+                                                           int64_t e) {
+  gru_backward_loop<kPrevious>(s, b, e);
+}
+#endif
+
+// The fused kernels for this processor: forward, backward with and without grad_prev; null
+// where it has none (the same choice as the tanh kernel's).
+struct GruKernels {
+  GruRowKernel forward = nullptr, backward = nullptr, backward_first = nullptr;
+};
+
+const GruKernels& chosen_gru_kernels() {
+  static const GruKernels chosen = [] {
+    GruKernels k;
+#ifdef SEQTEST_TANH_KERNELS
+    const TanhKernel tanh = chosen_tanh_kernel().first;
+    if (tanh == tanh_avx512) k = {gru_forward_avx512, gru_backward_avx512<true>,
+                                  gru_backward_avx512<false>};
+    if (tanh == tanh_avx2) k = {gru_forward_avx2, gru_backward_avx2<true>,
+                                gru_backward_avx2<false>};
+#endif
+    return k;
+  }();
+  return chosen;
+}
+
+// Whether the fused kernels run on these [B, G] and [B, H] steps: float32 rows, contiguous.
+bool fused_gru(const Tensor& gates) {
+  return chosen_gru_kernels().forward && gates.is_cpu() && gates.scalar_type() == at::kFloat;
+}
+
+// `kernel` over the rows of a step, split over torch's threads in chunks of at least 32 K
+// numbers of the [B, 3H] step (the tanh kernel's grain).
+void run_rows(GruRowKernel kernel, const GruRows& rows, int64_t B) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (3 * rows.H));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) { kernel(rows, begin, end); });
+}
+
+bool rows_contiguous(std::initializer_list<const Tensor*> tensors) {
+  return std::all_of(tensors.begin(), tensors.end(),
+                     [](const Tensor* t) { return t->dim() == 2 && t->stride(1) == 1; });
+}
+
 // GRU.forward's loop: turns the input term's blocks into (r, z, n) in place, writes
 // W_hh h_{t-1} + b_hh into the recurrent blocks and h_t into the hidden blocks.
 void gru_forward(const Tensors& gate_blocks_in, const Tensors& recurrent_blocks,
@@ -666,28 +838,70 @@ void gru_forward(const Tensors& gate_blocks_in, const Tensors& recurrent_blocks,
   const Tensors gates = steps_of(gate_blocks_in), recurrent = steps_of(recurrent_blocks);
   const Tensors hidden = steps_of(hidden_blocks);
   const int64_t T = static_cast<int64_t>(gates.size()), H = hidden[0].size(1);
+  const bool fused = fused_gru(gates[0]);
   for (int64_t t = 0; t < T; ++t) {
     Tensor rec = recurrent[t];
     at::addmm_out(rec, b_hh, hidden[t], w_hh_t);
     Tensor act = gates[t];
+    Tensor h = hidden[t + 1];
+    if (fused && rows_contiguous({&act, &rec, &hidden[t], &h})) {
+      GruRows rows{};
+      rows.gates = act.data_ptr<float>();
+      rows.recurrent = rec.data_ptr<float>();
+      rows.h_prev = hidden[t].const_data_ptr<float>();
+      rows.h = h.data_ptr<float>();
+      rows.gates_stride = act.stride(0), rows.recurrent_stride = rec.stride(0);
+      rows.h_prev_stride = hidden[t].stride(0), rows.h_stride = h.stride(0), rows.H = H;
+      run_rows(chosen_gru_kernels().forward, rows, act.size(0));
+      continue;
+    }
     act.narrow(1, 0, 2 * H).add_(rec.narrow(1, 0, 2 * H)).sigmoid_();
     Tensor r = act.narrow(1, 0, H), z = act.narrow(1, H, H), n = act.narrow(1, 2 * H, H);
     n.addcmul_(r, rec.narrow(1, 2 * H, H));
     tanh_into(n, n);
-    Tensor h = hidden[t + 1];
     at::lerp_out(h, n, hidden[t], z);
   }
 }
 
 // GRU.backward's loop: writes dL/d(W_hh h_{t-1} + b_hh) over the recurrent blocks (each
 // step's slot after its last read) and dL/dn into the d_n blocks.
-void gru_backward(const Tensor& grad_hidden, const Tensors& gate_blocks_in,
+void gru_backward(const Tensor& grad_hidden_in, const Tensors& gate_blocks_in,
                   const Tensors& recurrent_blocks, const Tensors& d_n_blocks,
                   const Tensors& hidden_blocks, const Tensor& w_hh) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensors gates = steps_of(gate_blocks_in), recurrent = steps_of(recurrent_blocks);
   const Tensors d_n_all = steps_of(d_n_blocks), hidden = steps_of(hidden_blocks);
   const int64_t T = static_cast<int64_t>(gates.size()), H = hidden[0].size(1);
+  if (fused_gru(gates[0])) {
+    // (an incoming gradient may be a broadcast view: a loss on the last step alone)
+    const Tensor grad_hidden =
+        grad_hidden_in.stride(2) == 1 ? grad_hidden_in : grad_hidden_in.contiguous();
+    const int64_t B = gates[0].size(0);
+    const std::array<Tensor, 2> bases = {at::empty({B, H}, gates[0].options()),
+                                         at::empty({B, H}, gates[0].options())};
+    Tensor dh = grad_hidden.select(0, T - 1);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const Tensor& base = bases[t % 2];  // dh is the other one (or the incoming gradient)
+      const Tensor grad_prev = t > 0 ? grad_hidden.select(0, t - 1) : base;
+      GruRows rows{};
+      rows.gates = gates[t].data_ptr<float>();
+      rows.recurrent = recurrent[t].data_ptr<float>();
+      rows.h_prev = hidden[t].const_data_ptr<float>();
+      rows.h = dh.data_ptr<float>();
+      rows.d_n = d_n_all[t].data_ptr<float>();
+      rows.grad_prev = grad_prev.const_data_ptr<float>();
+      rows.base = base.data_ptr<float>();
+      rows.gates_stride = gates[t].stride(0), rows.recurrent_stride = recurrent[t].stride(0);
+      rows.h_prev_stride = hidden[t].stride(0), rows.h_stride = dh.stride(0);
+      rows.d_n_stride = d_n_all[t].stride(0), rows.grad_prev_stride = grad_prev.stride(0);
+      rows.base_stride = base.stride(0), rows.H = H;
+      const GruKernels& kernels = chosen_gru_kernels();
+      run_rows(t > 0 ? kernels.backward : kernels.backward_first, rows, B);
+      if (t > 0) dh = base.addmm_(recurrent[t], w_hh);
+    }
+    return;
+  }
+  const Tensor& grad_hidden = grad_hidden_in;
   Tensor dh = grad_hidden.select(0, T - 1).clone();
   for (int64_t t = T - 1; t >= 0; --t) {
     const Tensor& act = gates[t];
@@ -722,6 +936,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "tanh(x) by the loops' kernel (float32 matrices with contiguous rows; else PyTorch's), or "
       "by the one named (avx512, avx2, pytorch)",
       py::arg("x"), py::arg("kernel") = "");
+  m.def(
+      "sigmoid",
+      [](const Tensor& x, const std::string& kernel) {
+        TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+                    "sigmoid: a contiguous float32 CPU tensor");
+        const TanhKernel tanh = tanh_kernel_named(kernel);  // (checks the name)
+        TanhKernel sigmoid = nullptr;
+#ifdef SEQTEST_TANH_KERNELS
+        sigmoid = tanh == tanh_avx512 ? sigmoid_avx512 : tanh == tanh_avx2 ? sigmoid_avx2 : nullptr;
+#endif
+        if (!sigmoid) return at::sigmoid(x);
+        Tensor out = at::empty_like(x);
+        sigmoid(out.data_ptr<float>(), x.const_data_ptr<float>(), x.numel());
+        return out;
+      },
+      "sigmoid(x) by the GRU kernels' sigmoid for the kernel named (avx512, avx2; pytorch: "
+      "PyTorch's), for tests",
+      py::arg("x"), py::arg("kernel"));
   m.def(
       "tanh_kernel_name", [] { return std::string(chosen_tanh_kernel().second); },
       "Which tanh the loops run on this processor: avx512, avx2 or pytorch");

@@ -12,12 +12,14 @@ between the two in one process, the compiled loops took 0.68-0.80x (RNN), 0.60x 
 
 What: `loops.cpp` calls the same ATen kernels in the same order on the same buffers as the
 Python loops, so the results are the same; mostly only the cost of issuing the calls
-changes. Two kernels are our own: tanh (PyTorch's CPU tanh is not vectorised; ours, for
-x86-64 with AVX2 or AVX-512, is 3-7x faster, within 1.35 ulp of the exact tanh) and the
-BN-LSTM's per-step batch norm
-(PyTorch's, written for images, costs up to twice as much on these shapes; ours agrees with
-it to rounding). Both are checked against float64 computations, and with the tanh kernel
-swapped into the Python loops every other result is bit-identical (tests/test_native.py).
+changes. Three kernels are our own: tanh (PyTorch's CPU tanh is not vectorised; ours, for
+x86-64 with AVX2 or AVX-512, is 3-7x faster, within 1.35 ulp of the exact tanh), the
+BN-LSTM's per-step batch norm (PyTorch's, written for images, costs up to twice as much on
+these shapes; ours agrees with it to rounding) and, on those same processors, the float32
+GRU's element-wise step work, forward and backward, each fused into one pass (PyTorch's
+kernels take 5 and 10 calls per step). All are checked against float64 computations, and
+with the tanh kernel swapped into the Python loops every other result is bit-identical
+(tests/test_native.py).
 
 It is compiled with `torch.utils.cpp_extension` the first time one of these cells trains
 (about 25 s on 2 cores, once per machine, source and torch version; cached in

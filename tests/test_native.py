@@ -1,7 +1,9 @@
 """The compiled BPTT loops (`seqtest.native`): bit-identical to the Python loops they replace
 once these use the compiled tanh kernel (vanilla RNNs, GRU, LN-RNN, LN-LSTM; the BN-RNN and
-BN-LSTM to rounding, their batch norm being our own kernel, checked against PyTorch's), that
-tanh kernel against float64, and a clear fallback or error where they cannot be built."""
+BN-LSTM to rounding, their batch norm being our own kernel, checked against PyTorch's; the
+float32 GRU to rounding where its fused step kernels run, checked against a float64 GRU),
+the tanh and sigmoid kernels against float64, and a clear fallback or error where they cannot
+be built."""
 
 from __future__ import annotations
 
@@ -110,6 +112,12 @@ def test_compiled_normalised_rnn_loops_equal_the_python_loops(norm, activation, 
     assert_compiled_equals_python(model, monkeypatch, exact=norm == "layer")
 
 
+def fused_gru_kernels() -> bool:
+    """Whether the compiled GRU loop runs its fused float32 step kernels on this machine
+    (they come with the tanh kernel: x86-64 with AVX2 or AVX-512)."""
+    return native.loops().tanh_kernel_name() != "pytorch"
+
+
 @needs_toolchain
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
@@ -121,14 +129,50 @@ def test_compiled_normalised_rnn_loops_equal_the_python_loops(norm, activation, 
     ],
     ids=lambda kwargs: kwargs.get("activation", kwargs["cell"]),
 )
-def test_compiled_rnn_and_gru_loops_are_bit_identical_to_the_python_loops(
-    kwargs, dtype, monkeypatch
-):
+def test_compiled_rnn_and_gru_loops_equal_the_python_loops(kwargs, dtype, monkeypatch):
     """Every activation the vanilla RNN trains by hand, and the GRU, in two layers (the
-    second layer's input gradient flows through the first's loops)."""
+    second layer's input gradient flows through the first's loops): bit-identical, except
+    the GRU in float32 where its fused step kernels run (their sigmoid and the order of their
+    arithmetic round differently from PyTorch's kernels): there to rounding."""
     torch.manual_seed(0)
     model = build_model(dict(hidden_size=6, num_layers=2, **kwargs), 3, 2).to(dtype)
-    assert_compiled_equals_python(model, monkeypatch)
+    fused = kwargs["cell"] == "gru" and dtype == torch.float32 and fused_gru_kernels()
+    assert_compiled_equals_python(model, monkeypatch, exact=not fused)
+
+
+@needs_toolchain
+@pytest.mark.parametrize("loss", ["weighted", "sum", "last step"])
+@pytest.mark.parametrize("hidden", [6, 40])
+def test_the_fused_gru_kernels_match_a_float64_gru(loss, hidden, monkeypatch):
+    """The compiled GRU loop in float32 (its fused step kernels, where this machine has them)
+    against PyTorch's nn.GRU in float64, an independent computation: hidden states and the
+    gradients of the input and of every weight within 1e-5 of each one's largest entry. The
+    losses give the loop an incoming gradient that is a plain tensor, a broadcast view
+    (stride 0: `sum`) and zero but at the last step; 40 units cover whole and partial vector
+    registers of a row, 6 a partial one alone."""
+    monkeypatch.setenv("SEQTEST_NATIVE", "require")
+    torch.manual_seed(0)
+    reference = torch.nn.GRU(3, hidden, batch_first=True).double()
+    x = torch.randn(5, 12, 3, dtype=torch.float64)
+    weights = torch.randn(5, 12, hidden, dtype=torch.float64)
+
+    def loss_of(out):
+        if loss == "weighted":
+            return (out * weights.to(out.dtype)).sum()
+        return out.sum() if loss == "sum" else out[:, -1].sum()
+
+    def states_and_gradients(x, params, run):
+        x = x.clone().requires_grad_()
+        out = run(x)
+        return [out, *torch.autograd.grad(loss_of(out), [x, *params])]
+
+    params = [p.detach().float().requires_grad_() for p in reference.parameters()]
+    compiled = states_and_gradients(x.float(), params, lambda x: bptt.gru(x, *params))
+    exact = states_and_gradients(x, list(reference.parameters()), lambda x: reference(x)[0])
+    for a, b in zip(compiled, exact, strict=True):
+        scale = float(b.detach().abs().max())
+        assert scale > 0
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * scale)
 
 
 def ulps_from_float64_tanh(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +251,29 @@ def test_the_tanh_kernels_take_strided_rows_and_leave_the_rest_to_pytorch(kernel
     assert torch.equal(tanh(big), one_thread)
     for other in (gates.double(), gates.view(8, 8, 384), gates[:, ::2]):
         assert torch.equal(tanh(other), torch.tanh(other))
+
+
+@needs_toolchain
+@pytest.mark.parametrize("kernel", ["avx512", "avx2"])
+def test_the_gru_kernels_sigmoid_is_within_two_and_a_quarter_ulp_of_sigmoid(kernel):
+    """The sigmoid the fused GRU kernels inline, over 8 M evenly spaced numbers in [-100, 100]
+    and 400 K spread logarithmically down to 1e-37 of either sign: within 2.25 ulp of
+    float64's sigmoid wherever that is a normal float (PyTorch's own: 2.46 ulp there), below
+    the smallest normal float where it is not, and exact at the special values."""
+    if tanh_kernel_missing(kernel):
+        pytest.skip(tanh_kernel_missing(kernel))
+    sigmoid = lambda x: native.loops().sigmoid(x, kernel)  # noqa: E731
+    tiny = torch.logspace(-37, 2, 200_000)
+    x = torch.cat([torch.linspace(-100, 100, 8_000_000), tiny, -tiny])
+    values, exact = sigmoid(x).double(), torch.sigmoid(x.double())
+    normal = exact >= torch.finfo(torch.float32).tiny
+    magnitude = exact[normal].float()
+    ulp = torch.nextafter(magnitude, torch.tensor(float("inf"))).double() - magnitude.double()
+    assert ((values[normal] - exact[normal]).abs() / ulp).max() <= 2.25
+    assert values[~normal].abs().max() < torch.finfo(torch.float32).tiny
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 100.0, -100.0])
+    assert torch.equal(sigmoid(special), torch.tensor([0.5, 0.5, 1.0, 0.0, 1.0, 0.0]))
+    assert sigmoid(torch.tensor([float("nan")])).isnan().all()
 
 
 def pytorch_batch_norm(x, weight, bias, running_mean, running_var, grad):
