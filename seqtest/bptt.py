@@ -15,8 +15,6 @@ at (B, T, H) = (32, 100, 64), (64, 200, 128) and (128, 400, 256).
 hand-written loop (one `addmm`, one sigmoid over r and z, one `addcmul` + tanh for n, one
 `lerp` per step; W_hh's gradient in one product at the end) measured 0.83x and 0.77x of
 `nn.GRU`'s training step at (64, 200, 128) and (32, 100, 64) (`python -m seqtest.bench`).
-The compiled loop (`seqtest.native`) does each step's element-wise work, forward and
-backward, in one fused pass in float32.
 The plain LSTM is the exception: `nn.LSTM` runs a fused oneDNN kernel that no loop beats.
 
 Both keep their [T, ...] buffers (the input term, the hidden states, the per-step
@@ -74,14 +72,16 @@ take now.
 `NormalisedRNN`'s and `NormalisedLSTM`'s `_forward_steps` and `_backward_steps`) also exist
 in C++ (`loops.cpp`, built on first use by `seqtest.native`), line by line the same kernels
 in the same order; the normalised cells keep their per-step buffers and statistics in C++
-between the passes. Two kernels there are ours: tanh (PyTorch's CPU tanh is not
+between the passes. Three kernels there are ours: tanh (PyTorch's CPU tanh is not
 vectorised; ours, on x86-64 with AVX2 or AVX-512, is 3-7x faster on a step's [B, H] and
-within 1.35 ulp; see `tanh_into`) and the batch-normalised cells' per-step batch norm (on
-these [B, F] shapes PyTorch's costs up to twice as much; ours agrees with it to rounding).
+within 1.35 ulp; see `tanh_into`), the batch-normalised cells' per-step batch norm (on
+these [B, F] shapes PyTorch's costs up to twice as much; ours agrees with it to rounding)
+and, on those processors in float32, the GRU's and the normalised LSTMs' element-wise step
+work fused into one or two passes over the step's rows, forward and backward.
 Training runs those where they could be built, equal to these
-loops to rounding (and to the last bit with the tanh kernel swapped in and without batch
-norm: tested), and the Python loops here otherwise. At these sizes the small kernels of a
-time step cost about as much to issue from Python as to run:
+loops to rounding (and to the last bit with the tanh kernel swapped in, without batch
+norm and without the fused kernels: tested), and the Python loops here otherwise. At these
+sizes the small kernels of a time step cost about as much to issue from Python as to run:
 switching between the two in one process (medians of interleaved training steps), the
 compiled loops took 0.80x, 0.60x, 0.65x and 0.69x (tanh RNN, GRU, LN-LSTM, BN-LSTM with
 PyTorch's batch norm) of the Python loops' time at (32, 100, 64), 0.84x, 0.81x, 0.82x and

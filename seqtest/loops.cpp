@@ -4,10 +4,11 @@
 //
 // Each loop is a line-by-line translation of the Python loop it replaces in seqtest/bptt.py:
 // the same ATen kernels, called in the same order on buffers laid out the same way, with three
-// exceptions: tanh, the BN-LSTM's recurrent batch norms and the float32 GRU's element-wise
-// step run our own kernels (below), which round differently from PyTorch's (all are tested
-// against float64 computations). With the tanh kernel swapped into the Python loops, the
-// results of everything but the BN-LSTM and that GRU are bit-identical (tests/test_native.py).
+// exceptions: tanh, the BN-LSTM's recurrent batch norms and, in float32, the GRU's and the
+// normalised LSTMs' element-wise step work run our own kernels (below), which round
+// differently from PyTorch's (all are tested against float64 computations). With the tanh
+// kernel swapped into the Python loops, the results of the vanilla RNNs, and of the GRU and
+// LN-LSTM in float64, are bit-identical (tests/test_native.py).
 // What changes is the cost of
 // issuing them: up to about 24 small kernels per time step, plus a Python object for every
 // per-step view, which from Python cost more than the arithmetic at the sizes a testbed
@@ -193,6 +194,287 @@ void tanh_into(Tensor out, const Tensor& x,  // (a handle: writes reach the call
       kernel(result + r * out_stride, in + r * in_stride, cols);
     }
   });
+}
+
+// ---------------------------------------------------------------- fused element-wise steps
+
+// A time step's element-wise work in one pass over each row, forward and backward, for the
+// GRU and the normalised LSTMs: PyTorch's kernels take 5 calls per step for the GRU's
+// forward and 10 for its backward (6 and 11 for the normalised LSTM's, around its two
+// normalisations), each a few microseconds on a [B, H] step, and at the sizes a testbed
+// trains those calls cost about as much as the step's matrix products
+// (docs/performance.md). Built like the tanh kernel (for AVX-512 and for AVX2 with FMA,
+// chosen by the processor) and for float32 CPU tensors only; elsewhere the loops call
+// PyTorch's kernels as the Python loops do. The gates round differently from PyTorch's
+// (sigmoid_of within 2.2 ulp of the exact sigmoid, tanh_of within 1.35), so the loops that
+// use them agree with the Python loops to rounding (tests/test_native.py).
+
+// One GRU step's rows: pointers to row 0 and row strides (in floats).
+struct GruRows {
+  float* gates;            // [B, 3H]: the input term in, (r, z, n) out
+  float* recurrent;        // [B, 3H]: W_hh h_{t-1} + b_hh in; backward: its gradient out
+  const float* h_prev;     // [B, H]: h_{t-1}
+  float* h;                // [B, H]: forward: h_t out; backward: dL/dh_t in
+  float* d_n;              // [B, H]: backward: dL/dn out
+  const float* grad_prev;  // [B, H]: backward: dL/dh_{t-1} from the layer above, or null
+  float* base;             // [B, H]: backward: dL/dh_t z + grad_prev out
+  int64_t gates_stride, recurrent_stride, h_prev_stride, h_stride, d_n_stride;
+  int64_t grad_prev_stride, base_stride, H;
+};
+
+// One normalised LSTM step's rows, each tensor contiguous ([B, 4H] or [B, H]).
+struct LstmRows {
+  const float* input = nullptr;      // z^x_t, the normalised input term
+  const float* recurrent = nullptr;  // N_h(W_hh h_{t-1})
+  float* gates = nullptr;            // (i, f, g, o) after their activations
+  float* dz = nullptr;               // backward: dL/dz_t out
+  const float* c_prev = nullptr;     // c_{t-1}
+  float* c = nullptr;                // forward: c_t out
+  const float* m = nullptr;          // forward: N_c(c_t)
+  float* k = nullptr;                // tanh(N_c(c_t)): forward out, backward in
+  float* h = nullptr;                // forward: h_t out; backward: dL/dh_t in
+  float* d_m = nullptr;              // backward: dL/dN_c(c_t) out
+  const float* d_c_norm = nullptr;   // backward: dL/dc_t through N_c
+  float* dc = nullptr;               // backward: dL/dc_t from step t + 1 in, dL/dc_{t-1} out
+  int64_t H = 0;
+};
+
+template <typename Rows>
+using RowKernel = void (*)(const Rows&, int64_t, int64_t);
+
+#ifdef SEQTEST_TANH_KERNELS
+// GRU forward, rows [begin, end): r, z = sigmoid(x_{r,z} + W_h{r,z} h + b_h{r,z}),
+// n = tanh(x_n + r (W_hn h + b_hn)), h_t = n + z (h_{t-1} - n).
+__attribute__((always_inline)) inline void gru_forward_loop(const GruRows& s, int64_t begin,
+                                                            int64_t end) {
+  const int64_t H = s.H;
+  for (int64_t row = begin; row < end; ++row) {
+    // a pointer per gate's block: the blocks do not overlap, which lets GCC vectorise
+    float* __restrict__ r_out = s.gates + row * s.gates_stride;
+    float* __restrict__ z_out = r_out + H;
+    float* __restrict__ n_out = r_out + 2 * H;
+    const float* __restrict__ rec_r = s.recurrent + row * s.recurrent_stride;
+    const float* __restrict__ rec_z = rec_r + H;
+    const float* __restrict__ rec_n = rec_r + 2 * H;
+    const float* __restrict__ h_prev = s.h_prev + row * s.h_prev_stride;
+    float* __restrict__ h = s.h + row * s.h_stride;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const float r = sigmoid_of(r_out[j] + rec_r[j]);
+      const float z = sigmoid_of(z_out[j] + rec_z[j]);
+      const float n = tanh_of(n_out[j] + r * rec_n[j]);
+      r_out[j] = r;
+      z_out[j] = z;
+      n_out[j] = n;
+      h[j] = n + z * (h_prev[j] - n);
+    }
+  }
+}
+
+// GRU backward, rows [begin, end), from dL/dh_t (`h`): writes dL/dn, the gradient of
+// W_hh h_{t-1} + b_hh over it (r and z blocks: also the input term's; n block: dL/dn * r)
+// and, with grad_prev, base = dL/dh_t z + grad_prev (the caller adds the product with W_hh).
+template <bool kPrevious>
+__attribute__((always_inline)) inline void gru_backward_loop(const GruRows& s, int64_t begin,
+                                                             int64_t end) {
+  const int64_t H = s.H;
+  for (int64_t row = begin; row < end; ++row) {
+    const float* __restrict__ r = s.gates + row * s.gates_stride;
+    const float* __restrict__ z = r + H;
+    const float* __restrict__ n = r + 2 * H;
+    float* __restrict__ d_r = s.recurrent + row * s.recurrent_stride;
+    float* __restrict__ d_z = d_r + H;
+    float* __restrict__ d_hn = d_r + 2 * H;  // in: W_hn h_{t-1} + b_hn
+    const float* __restrict__ h_prev = s.h_prev + row * s.h_prev_stride;
+    const float* __restrict__ dh = s.h + row * s.h_stride;
+    float* __restrict__ d_n = s.d_n + row * s.d_n_stride;
+    const float* __restrict__ grad_prev = s.grad_prev + row * s.grad_prev_stride;
+    float* __restrict__ base = s.base + row * s.base_stride;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const float through_z = dh[j] * z[j];
+      const float dn = (dh[j] - through_z) * (1.0f - n[j] * n[j]);
+      d_n[j] = dn;
+      d_r[j] = dn * d_hn[j] * (r[j] * (1.0f - r[j]));
+      d_z[j] = dh[j] * (h_prev[j] - n[j]) * (z[j] * (1.0f - z[j]));
+      d_hn[j] = dn * r[j];
+      if (kPrevious) base[j] = through_z + grad_prev[j];
+    }
+  }
+}
+
+__attribute__((always_inline)) inline void gru_backward_rows(const GruRows& s, int64_t begin,
+                                                             int64_t end) {
+  gru_backward_loop<true>(s, begin, end);
+}
+
+__attribute__((always_inline)) inline void gru_backward_first_rows(const GruRows& s,
+                                                                   int64_t begin, int64_t end) {
+  gru_backward_loop<false>(s, begin, end);  // step 0: no h_{t-1} to pass a gradient to
+}
+
+// Normalised LSTM forward, the cell, rows [begin, end): with z_t = z^x_t + N_h(W_hh h_{t-1}),
+// i, f, o = sigmoid(z_t's blocks), g = tanh(z_t's g block), c_t = f c_{t-1} + i g.
+__attribute__((always_inline)) inline void lstm_cell_loop(const LstmRows& s, int64_t begin,
+                                                          int64_t end) {
+  const int64_t H = s.H;
+  for (int64_t row = begin; row < end; ++row) {
+    const float* __restrict__ x_i = s.input + row * 4 * H;
+    const float* __restrict__ x_f = x_i + H;
+    const float* __restrict__ x_g = x_i + 2 * H;
+    const float* __restrict__ x_o = x_i + 3 * H;
+    const float* __restrict__ a_i = s.recurrent + row * 4 * H;
+    const float* __restrict__ a_f = a_i + H;
+    const float* __restrict__ a_g = a_i + 2 * H;
+    const float* __restrict__ a_o = a_i + 3 * H;
+    float* __restrict__ i_out = s.gates + row * 4 * H;
+    float* __restrict__ f_out = i_out + H;
+    float* __restrict__ g_out = i_out + 2 * H;
+    float* __restrict__ o_out = i_out + 3 * H;
+    const float* __restrict__ c_prev = s.c_prev + row * H;
+    float* __restrict__ c = s.c + row * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const float i = sigmoid_of(x_i[j] + a_i[j]);
+      const float f = sigmoid_of(x_f[j] + a_f[j]);
+      const float g = tanh_of(x_g[j] + a_g[j]);
+      i_out[j] = i;
+      f_out[j] = f;
+      g_out[j] = g;
+      o_out[j] = sigmoid_of(x_o[j] + a_o[j]);
+      c[j] = f * c_prev[j] + i * g;
+    }
+  }
+}
+
+// Normalised LSTM forward, the output, rows [begin, end): k = tanh(N_c(c_t)), h_t = o k.
+__attribute__((always_inline)) inline void lstm_output_loop(const LstmRows& s, int64_t begin,
+                                                            int64_t end) {
+  const int64_t H = s.H;
+  for (int64_t row = begin; row < end; ++row) {
+    const float* __restrict__ o = s.gates + row * 4 * H + 3 * H;
+    const float* __restrict__ m = s.m + row * H;
+    float* __restrict__ k = s.k + row * H;
+    float* __restrict__ h = s.h + row * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const float value = tanh_of(m[j]);
+      k[j] = value;
+      h[j] = o[j] * value;
+    }
+  }
+}
+
+// Normalised LSTM backward, the output, rows [begin, end), from dL/dh_t (`h`):
+// dL/dN_c(c_t) = dL/dh_t o (1 - k^2) and dL/dz_t's o block = dL/dh_t k o (1 - o).
+__attribute__((always_inline)) inline void lstm_output_grad_loop(const LstmRows& s,
+                                                                 int64_t begin, int64_t end) {
+  const int64_t H = s.H;
+  for (int64_t row = begin; row < end; ++row) {
+    const float* __restrict__ o = s.gates + row * 4 * H + 3 * H;
+    const float* __restrict__ k = s.k + row * H;
+    const float* __restrict__ dh = s.h + row * H;
+    float* __restrict__ d_m = s.d_m + row * H;
+    float* __restrict__ dz_o = s.dz + row * 4 * H + 3 * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      d_m[j] = dh[j] * o[j] * (1.0f - k[j] * k[j]);
+      dz_o[j] = dh[j] * k[j] * (o[j] * (1.0f - o[j]));
+    }
+  }
+}
+
+// Normalised LSTM backward, the cell, rows [begin, end): with dL/dc_t = dc + d_c_norm,
+// dL/dz_t's i, f, g blocks (through sigmoid', sigmoid', tanh') and dc = dL/dc_t f.
+__attribute__((always_inline)) inline void lstm_cell_grad_loop(const LstmRows& s,
+                                                               int64_t begin, int64_t end) {
+  const int64_t H = s.H;
+  for (int64_t row = begin; row < end; ++row) {
+    const float* __restrict__ i = s.gates + row * 4 * H;
+    const float* __restrict__ f = i + H;
+    const float* __restrict__ g = i + 2 * H;
+    float* __restrict__ dz_i = s.dz + row * 4 * H;
+    float* __restrict__ dz_f = dz_i + H;
+    float* __restrict__ dz_g = dz_i + 2 * H;
+    const float* __restrict__ c_prev = s.c_prev + row * H;
+    const float* __restrict__ d_c_norm = s.d_c_norm + row * H;
+    float* __restrict__ dc = s.dc + row * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      const float d_c = dc[j] + d_c_norm[j];
+      dz_i[j] = d_c * g[j] * (i[j] * (1.0f - i[j]));
+      dz_f[j] = d_c * c_prev[j] * (f[j] * (1.0f - f[j]));
+      dz_g[j] = d_c * i[j] * (1.0f - g[j] * g[j]);
+      dc[j] = d_c * f[j];
+    }
+  }
+}
+
+// Each loop built for AVX-512 (name_avx512) and for AVX2 with FMA (name_avx2).
+#define SEQTEST_ISA_BUILDS(Rows, name)                                                      \
+  __attribute__((target("avx512f,avx2,fma"))) void name##_avx512(const Rows& s, int64_t b,  \
+                                                                 int64_t e) {               \
+    name(s, b, e);                                                                          \
+  }                                                                                         \
+  __attribute__((target("avx2,fma"))) void name##_avx2(const Rows& s, int64_t b, int64_t e) { \
+    name(s, b, e);                                                                          \
+  }
+SEQTEST_ISA_BUILDS(GruRows, gru_forward_loop)
+SEQTEST_ISA_BUILDS(GruRows, gru_backward_rows)
+SEQTEST_ISA_BUILDS(GruRows, gru_backward_first_rows)
+SEQTEST_ISA_BUILDS(LstmRows, lstm_cell_loop)
+SEQTEST_ISA_BUILDS(LstmRows, lstm_output_loop)
+SEQTEST_ISA_BUILDS(LstmRows, lstm_output_grad_loop)
+SEQTEST_ISA_BUILDS(LstmRows, lstm_cell_grad_loop)
+#undef SEQTEST_ISA_BUILDS
+#endif
+
+// The fused kernels for this processor (the tanh kernel's choice), all null where it has none.
+struct StepKernels {
+  RowKernel<GruRows> gru_forward = nullptr, gru_backward = nullptr, gru_backward_first = nullptr;
+  RowKernel<LstmRows> lstm_cell = nullptr, lstm_output = nullptr, lstm_output_grad = nullptr,
+                      lstm_cell_grad = nullptr;
+};
+
+const StepKernels& step_kernels() {
+  static const StepKernels chosen = [] {
+    StepKernels k;
+#ifdef SEQTEST_TANH_KERNELS
+#define SEQTEST_ISA(isa)                                                                   \
+  k = {gru_forward_loop_##isa, gru_backward_rows_##isa, gru_backward_first_rows_##isa,     \
+       lstm_cell_loop_##isa,   lstm_output_loop_##isa,  lstm_output_grad_loop_##isa,       \
+       lstm_cell_grad_loop_##isa}
+    const TanhKernel tanh = chosen_tanh_kernel().first;
+    if (tanh == tanh_avx512) SEQTEST_ISA(avx512);
+    if (tanh == tanh_avx2) SEQTEST_ISA(avx2);
+#undef SEQTEST_ISA
+#endif
+    return k;
+  }();
+  return chosen;
+}
+
+// Whether the fused kernels run on a step of this tensor's kind: float32 on the CPU, here.
+bool fused_steps(const Tensor& like) {
+  return step_kernels().gru_forward && like.is_cpu() && like.scalar_type() == at::kFloat;
+}
+
+// `kernel` over a step's B rows, split over torch's threads in chunks of at least 32 K
+// numbers of the widest [B, width] operand (the tanh kernel's grain).
+template <typename Rows>
+void run_rows(RowKernel<Rows> kernel, const Rows& rows, int64_t B, int64_t width) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, width));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) { kernel(rows, begin, end); });
+}
+
+bool rows_contiguous(std::initializer_list<const Tensor*> tensors) {
+  return std::all_of(tensors.begin(), tensors.end(),
+                     [](const Tensor* t) { return t->dim() == 2 && t->stride(1) == 1; });
+}
+
+bool all_contiguous(std::initializer_list<const Tensor*> tensors) {
+  return std::all_of(tensors.begin(), tensors.end(),
+                     [](const Tensor* t) { return t->dim() == 2 && t->is_contiguous(); });
 }
 
 // ---------------------------------------------------------------- batch norm of one step
@@ -460,11 +742,31 @@ std::tuple<Tensor, Tape> forward(const Tensor& inputs, const Tensor& w_hh,
   const Tensors step_in = inputs.unbind(0);
   Tensor z = at::empty({B, G}, inputs.options());  // z_t = z^x_t + N_h(a_t)
   Tensor z_g = gate_blocks(z)[2];
+  const bool fused = fused_steps(inputs);
   for (int64_t t = 0; t < T; ++t) {
     Tensor a = at::mm_out(tape.a[t], tape.h[t], w_hh_t);
     auto [n, mean_h, rstd_h] = norm_h.forward(a, t);
     tape.mean_h.push_back(mean_h);
     tape.rstd_h.push_back(rstd_h);
+    if (fused && all_contiguous({&step_in[t], &n, &tape.act[t], &tape.c[t], &tape.c[t + 1]})) {
+      LstmRows rows;
+      rows.input = step_in[t].const_data_ptr<float>();
+      rows.recurrent = n.const_data_ptr<float>();
+      rows.gates = tape.act[t].data_ptr<float>();
+      rows.c_prev = tape.c[t].const_data_ptr<float>();
+      rows.c = tape.c[t + 1].data_ptr<float>();
+      rows.H = H;
+      run_rows(step_kernels().lstm_cell, rows, B, G);
+      auto [m, mean_c, rstd_c] = norm_c.forward(tape.c[t + 1], t);
+      tape.mean_c.push_back(mean_c);
+      tape.rstd_c.push_back(rstd_c);
+      const Tensor m_rows = m.contiguous();
+      rows.m = m_rows.const_data_ptr<float>();
+      rows.k = tape.k[t].data_ptr<float>();
+      rows.h = tape.h[t + 1].data_ptr<float>();
+      run_rows(step_kernels().lstm_output, rows, B, H);
+      continue;
+    }
     at::add_out(z, step_in[t], n);
     auto [i, f, g, o] = gate_blocks(tape.act[t]);
     at::sigmoid_out(tape.act[t], z);
@@ -494,23 +796,44 @@ Tensors backward(const Tape& tape, const Tensor& grad_hidden, const Tensor& d_in
   auto [d_i, d_f, d_g, d_o] = gate_blocks(d_act);
   Tensor d_w_hh = at::zeros_like(w_hh);
   Tensors grads_h, grads_c;  // (d weight, d bias), summed over the steps
-  Tensor dh = step_grad[T - 1].clone();
+  Tensor dh = step_grad[T - 1].contiguous();
   Tensor dc = at::zeros_like(tape.c[0]);
+  const bool fused = fused_steps(d_inputs) && dc.is_contiguous();
+  Tensor d_m_rows = fused ? at::empty_like(dc) : Tensor();  // dL/dN_c(c_t) of the step
   for (int64_t t = T - 1; t >= 0; --t) {
     const Tensor& k = tape.k[t];
     Tensor& dz = step_dz[t];
-    auto [i, f, g, o] = gate_blocks(tape.act[t]);
-    at::mul_out(d_o, dh, k);
-    Tensor d_m = at::tanh_backward(dh * o, k);  // dL/dN_c(c_t)
-    dc.add_(norm_c.backward(d_m, tape.c[t + 1], tape.mean_c[t], tape.rstd_c[t], grads_c));
-    at::mul_out(d_i, dc, g);
-    at::mul_out(d_f, dc, tape.c[t]);
-    at::mul_out(d_g, dc, i);
-    dc.mul_(f);
-    // sigmoid' for every block, then tanh' over the g block
-    at::sigmoid_backward_out(dz, d_act, tape.act[t]);
-    Tensor dz_g = gate_blocks(dz)[2];
-    at::tanh_backward_out(dz_g, d_g, g);
+    if (fused && all_contiguous({&dz, &dh, &tape.act[t], &k, &tape.c[t]})) {
+      LstmRows rows;
+      rows.gates = tape.act[t].data_ptr<float>();
+      rows.k = tape.k[t].data_ptr<float>();
+      rows.h = dh.data_ptr<float>();
+      rows.d_m = d_m_rows.data_ptr<float>();
+      rows.dz = dz.data_ptr<float>();
+      rows.H = dc.size(1);
+      const int64_t B = dc.size(0);
+      run_rows(step_kernels().lstm_output_grad, rows, B, rows.H);
+      const Tensor d_c_norm =
+          norm_c.backward(d_m_rows, tape.c[t + 1], tape.mean_c[t], tape.rstd_c[t], grads_c)
+              .contiguous();
+      rows.d_c_norm = d_c_norm.const_data_ptr<float>();
+      rows.c_prev = tape.c[t].const_data_ptr<float>();
+      rows.dc = dc.data_ptr<float>();
+      run_rows(step_kernels().lstm_cell_grad, rows, B, 4 * rows.H);
+    } else {
+      auto [i, f, g, o] = gate_blocks(tape.act[t]);
+      at::mul_out(d_o, dh, k);
+      Tensor d_m = at::tanh_backward(dh * o, k);  // dL/dN_c(c_t)
+      dc.add_(norm_c.backward(d_m, tape.c[t + 1], tape.mean_c[t], tape.rstd_c[t], grads_c));
+      at::mul_out(d_i, dc, g);
+      at::mul_out(d_f, dc, tape.c[t]);
+      at::mul_out(d_g, dc, i);
+      dc.mul_(f);
+      // sigmoid' for every block, then tanh' over the g block
+      at::sigmoid_backward_out(dz, d_act, tape.act[t]);
+      Tensor dz_g = gate_blocks(dz)[2];
+      at::tanh_backward_out(dz_g, d_g, g);
+    }
     Tensor da = norm_h.backward(dz, tape.a[t], tape.mean_h[t], tape.rstd_h[t], grads_h);
     if (t > 0) {  // h_0 = 0: step 0 adds nothing to W_hh's gradient and has no h before
       d_w_hh.addmm_(da.t(), tape.h[t]);
@@ -687,149 +1010,6 @@ Tensors norm_rnn_backward(const RNNTape& tape, const Tensor& grad_hidden,
 
 // ---------------------------------------------------------------- GRU
 
-// One GRU time step's element-wise work in one pass over each row, forward and backward:
-// PyTorch's kernels take 5 passes forward and 10 backward, each a call of a few
-// microseconds on a [B, H] step, and at the sizes a testbed trains those calls cost as much
-// as the step's matrix products (docs/performance.md). Built like the tanh kernel (for
-// AVX-512 and for AVX2 with FMA, chosen by the processor, float32 only); elsewhere the loops
-// below call PyTorch's kernels as the Python loop does. The gates round differently from
-// PyTorch's (sigmoid_of within 1.5 ulp of the exact sigmoid, tanh_of within 1.35), so the
-// fused loops agree with the Python loops to rounding (tests/test_native.py).
-
-// A step's rows, as row pointers and row strides (in floats).
-struct GruRows {
-  float* gates;         // [B, 3H]: the input term in, (r, z, n) out
-  float* recurrent;     // [B, 3H]: W_hh h_{t-1} + b_hh in; backward: its gradient out
-  const float* h_prev;  // [B, H]: h_{t-1}
-  float* h;             // [B, H]: forward: h_t out; backward: dL/dh_t in
-  float* d_n;           // [B, H]: backward: dL/dn out
-  const float* grad_prev;  // [B, H]: backward: dL/dh_{t-1} from the layer above, or null
-  float* base;          // [B, H]: backward: dL/dh_{t-1} from the step's z path + grad_prev
-  int64_t gates_stride, recurrent_stride, h_prev_stride, h_stride, d_n_stride;
-  int64_t grad_prev_stride, base_stride, H;
-};
-
-using GruRowKernel = void (*)(const GruRows&, int64_t, int64_t);
-
-#ifdef SEQTEST_TANH_KERNELS
-// Rows [begin, end) forward: r, z = sigmoid(x_{r,z} + W_h{r,z} h + b_h{r,z}),
-// n = tanh(x_n + r (W_hn h + b_hn)), h_t = n + z (h_{t-1} - n).
-__attribute__((always_inline)) inline void gru_forward_loop(const GruRows& s, int64_t begin,
-                                                            int64_t end) {
-  const int64_t H = s.H;
-  for (int64_t row = begin; row < end; ++row) {
-    // a pointer per gate's block: the blocks do not overlap, which lets GCC vectorise
-    float* __restrict__ r_out = s.gates + row * s.gates_stride;
-    float* __restrict__ z_out = r_out + H;
-    float* __restrict__ n_out = r_out + 2 * H;
-    const float* __restrict__ rec_r = s.recurrent + row * s.recurrent_stride;
-    const float* __restrict__ rec_z = rec_r + H;
-    const float* __restrict__ rec_n = rec_r + 2 * H;
-    const float* __restrict__ h_prev = s.h_prev + row * s.h_prev_stride;
-    float* __restrict__ h = s.h + row * s.h_stride;
-#pragma GCC ivdep
-    for (int64_t j = 0; j < H; ++j) {
-      const float r = sigmoid_of(r_out[j] + rec_r[j]);
-      const float z = sigmoid_of(z_out[j] + rec_z[j]);
-      const float n = tanh_of(n_out[j] + r * rec_n[j]);
-      r_out[j] = r;
-      z_out[j] = z;
-      n_out[j] = n;
-      h[j] = n + z * (h_prev[j] - n);
-    }
-  }
-}
-
-// Rows [begin, end) backward, from dL/dh_t (`h`): writes dL/dn, the gradient of
-// W_hh h_{t-1} + b_hh over it (r and z blocks: also the input term's; n block: dL/dn * r)
-// and, with grad_prev, base = dL/dh_t * z + grad_prev (the caller adds the product with W_hh).
-template <bool kPrevious>
-__attribute__((always_inline)) inline void gru_backward_loop(const GruRows& s, int64_t begin,
-                                                             int64_t end) {
-  const int64_t H = s.H;
-  for (int64_t row = begin; row < end; ++row) {
-    const float* __restrict__ r = s.gates + row * s.gates_stride;
-    const float* __restrict__ z = r + H;
-    const float* __restrict__ n = r + 2 * H;
-    float* __restrict__ d_r = s.recurrent + row * s.recurrent_stride;
-    float* __restrict__ d_z = d_r + H;
-    float* __restrict__ d_hn = d_r + 2 * H;  // in: W_hn h_{t-1} + b_hn
-    const float* __restrict__ h_prev = s.h_prev + row * s.h_prev_stride;
-    const float* __restrict__ dh = s.h + row * s.h_stride;
-    float* __restrict__ d_n = s.d_n + row * s.d_n_stride;
-    const float* __restrict__ grad_prev = s.grad_prev + row * s.grad_prev_stride;
-    float* __restrict__ base = s.base + row * s.base_stride;
-#pragma GCC ivdep
-    for (int64_t j = 0; j < H; ++j) {
-      const float through_z = dh[j] * z[j];
-      const float dn = (dh[j] - through_z) * (1.0f - n[j] * n[j]);
-      d_n[j] = dn;
-      d_r[j] = dn * d_hn[j] * (r[j] * (1.0f - r[j]));
-      d_z[j] = dh[j] * (h_prev[j] - n[j]) * (z[j] * (1.0f - z[j]));
-      d_hn[j] = dn * r[j];
-      if (kPrevious) base[j] = through_z + grad_prev[j];
-    }
-  }
-}
-
-__attribute__((target("avx512f,avx2,fma"))) void gru_forward_avx512(const GruRows& s,
-                                                                    int64_t b, int64_t e) {
-  gru_forward_loop(s, b, e);
-}
-__attribute__((target("avx2,fma"))) void gru_forward_avx2(const GruRows& s, int64_t b,
-                                                          int64_t e) {
-  gru_forward_loop(s, b, e);
-}
-template <bool kPrevious>
-__attribute__((target("avx512f,avx2,fma"))) void gru_backward_avx512(const GruRows& s,
-                                                                     int64_t b, int64_t e) {
-  gru_backward_loop<kPrevious>(s, b, e);
-}
-template <bool kPrevious>
-__attribute__((target("avx2,fma"))) void gru_backward_avx2(const GruRows& s, int64_t b,
-                                                           int64_t e) {
-  gru_backward_loop<kPrevious>(s, b, e);
-}
-#endif
-
-// The fused kernels for this processor: forward, backward with and without grad_prev; null
-// where it has none (the same choice as the tanh kernel's).
-struct GruKernels {
-  GruRowKernel forward = nullptr, backward = nullptr, backward_first = nullptr;
-};
-
-const GruKernels& chosen_gru_kernels() {
-  static const GruKernels chosen = [] {
-    GruKernels k;
-#ifdef SEQTEST_TANH_KERNELS
-    const TanhKernel tanh = chosen_tanh_kernel().first;
-    if (tanh == tanh_avx512) k = {gru_forward_avx512, gru_backward_avx512<true>,
-                                  gru_backward_avx512<false>};
-    if (tanh == tanh_avx2) k = {gru_forward_avx2, gru_backward_avx2<true>,
-                                gru_backward_avx2<false>};
-#endif
-    return k;
-  }();
-  return chosen;
-}
-
-// Whether the fused kernels run on these [B, G] and [B, H] steps: float32 rows, contiguous.
-bool fused_gru(const Tensor& gates) {
-  return chosen_gru_kernels().forward && gates.is_cpu() && gates.scalar_type() == at::kFloat;
-}
-
-// `kernel` over the rows of a step, split over torch's threads in chunks of at least 32 K
-// numbers of the [B, 3H] step (the tanh kernel's grain).
-void run_rows(GruRowKernel kernel, const GruRows& rows, int64_t B) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (3 * rows.H));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) { kernel(rows, begin, end); });
-}
-
-bool rows_contiguous(std::initializer_list<const Tensor*> tensors) {
-  return std::all_of(tensors.begin(), tensors.end(),
-                     [](const Tensor* t) { return t->dim() == 2 && t->stride(1) == 1; });
-}
-
 // GRU.forward's loop: turns the input term's blocks into (r, z, n) in place, writes
 // W_hh h_{t-1} + b_hh into the recurrent blocks and h_t into the hidden blocks.
 void gru_forward(const Tensors& gate_blocks_in, const Tensors& recurrent_blocks,
@@ -838,7 +1018,7 @@ void gru_forward(const Tensors& gate_blocks_in, const Tensors& recurrent_blocks,
   const Tensors gates = steps_of(gate_blocks_in), recurrent = steps_of(recurrent_blocks);
   const Tensors hidden = steps_of(hidden_blocks);
   const int64_t T = static_cast<int64_t>(gates.size()), H = hidden[0].size(1);
-  const bool fused = fused_gru(gates[0]);
+  const bool fused = fused_steps(gates[0]);
   for (int64_t t = 0; t < T; ++t) {
     Tensor rec = recurrent[t];
     at::addmm_out(rec, b_hh, hidden[t], w_hh_t);
@@ -852,7 +1032,7 @@ void gru_forward(const Tensors& gate_blocks_in, const Tensors& recurrent_blocks,
       rows.h = h.data_ptr<float>();
       rows.gates_stride = act.stride(0), rows.recurrent_stride = rec.stride(0);
       rows.h_prev_stride = hidden[t].stride(0), rows.h_stride = h.stride(0), rows.H = H;
-      run_rows(chosen_gru_kernels().forward, rows, act.size(0));
+      run_rows(step_kernels().gru_forward, rows, act.size(0), 3 * H);
       continue;
     }
     act.narrow(1, 0, 2 * H).add_(rec.narrow(1, 0, 2 * H)).sigmoid_();
@@ -872,7 +1052,7 @@ void gru_backward(const Tensor& grad_hidden_in, const Tensors& gate_blocks_in,
   const Tensors gates = steps_of(gate_blocks_in), recurrent = steps_of(recurrent_blocks);
   const Tensors d_n_all = steps_of(d_n_blocks), hidden = steps_of(hidden_blocks);
   const int64_t T = static_cast<int64_t>(gates.size()), H = hidden[0].size(1);
-  if (fused_gru(gates[0])) {
+  if (fused_steps(gates[0])) {
     // (an incoming gradient may be a broadcast view: a loss on the last step alone)
     const Tensor grad_hidden =
         grad_hidden_in.stride(2) == 1 ? grad_hidden_in : grad_hidden_in.contiguous();
@@ -895,8 +1075,8 @@ void gru_backward(const Tensor& grad_hidden_in, const Tensors& gate_blocks_in,
       rows.h_prev_stride = hidden[t].stride(0), rows.h_stride = dh.stride(0);
       rows.d_n_stride = d_n_all[t].stride(0), rows.grad_prev_stride = grad_prev.stride(0);
       rows.base_stride = base.stride(0), rows.H = H;
-      const GruKernels& kernels = chosen_gru_kernels();
-      run_rows(t > 0 ? kernels.backward : kernels.backward_first, rows, B);
+      const StepKernels& kernels = step_kernels();
+      run_rows(t > 0 ? kernels.gru_backward : kernels.gru_backward_first, rows, B, 3 * H);
       if (t > 0) dh = base.addmm_(recurrent[t], w_hh);
     }
     return;

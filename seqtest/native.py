@@ -16,10 +16,10 @@ changes. Three kernels are our own: tanh (PyTorch's CPU tanh is not vectorised; 
 x86-64 with AVX2 or AVX-512, is 3-7x faster, within 1.35 ulp of the exact tanh), the
 BN-LSTM's per-step batch norm (PyTorch's, written for images, costs up to twice as much on
 these shapes; ours agrees with it to rounding) and, on those same processors, the float32
-GRU's element-wise step work, forward and backward, each fused into one pass (PyTorch's
-kernels take 5 and 10 calls per step). All are checked against float64 computations, and
-with the tanh kernel swapped into the Python loops every other result is bit-identical
-(tests/test_native.py).
+GRU's and normalised LSTMs' element-wise step work, forward and backward, fused into one or
+two passes (PyTorch's kernels take 5-11 calls per step). All are checked against float64
+computations, and with the tanh kernel swapped into the Python loops every other result is
+bit-identical (tests/test_native.py).
 
 It is compiled with `torch.utils.cpp_extension` the first time one of these cells trains
 (about 25 s on 2 cores, once per machine, source and torch version; cached in
