@@ -23,6 +23,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -477,6 +478,45 @@ bool all_contiguous(std::initializer_list<const Tensor*> tensors) {
                      [](const Tensor* t) { return t->dim() == 2 && t->is_contiguous(); });
 }
 
+// ---------------------------------------------------------------- recurrent products
+
+// x W' (+ bias) for a weight W [out, in] that oneDNN packed once for the whole sequence
+// (seqtest.bptt.packed_weight; PyTorch's `mkldnn::_reorder_linear_weight`), through
+// PyTorch's `mkldnn::_linear_pointwise`. The per-step products of a recurrence reuse one
+// weight T times, and on the 2-core AMD EPYC machine PyTorch's matrix product (MKL) ran
+// them at about half the speed of oneDNN's kernel on the packed weight from
+// [64, 128] x [128, 384] on (docs/performance.md); below that its fixed cost loses.
+Tensor packed_linear(const Tensor& x, const Tensor& packed,
+                     const c10::optional<Tensor>& bias = c10::nullopt) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, packed, bias, std::string("none"),
+                                 c10::List<c10::optional<at::Scalar>>(),
+                                 c10::optional<std::string>()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+using Packed = c10::optional<Tensor>;  // a weight packed by oneDNN, or none: PyTorch's mm
+
+// out = x W' (+ base): on the packed weight where there is one, else by PyTorch's `mm` /
+// `addmm` with w_t = W'; base broadcasts (a bias) or has out's shape.
+void product_into(Tensor out, const Tensor& x, const Tensor& w_t, const Packed& packed,
+                  const c10::optional<Tensor>& base = c10::nullopt) {
+  if (packed.has_value()) {
+    const Tensor product = packed_linear(x, *packed);
+    base.has_value() ? at::add_out(out, *base, product) : out.copy_(product);
+  } else {
+    base.has_value() ? at::addmm_out(out, *base, x, w_t) : at::mm_out(out, x, w_t);
+  }
+}
+
+// base + x W, a new tensor: the backward pass's dL/dh_{t-1}, W = W_hh and packed = W_hh'
+// packed (or none).
+Tensor plus_product(const Tensor& base, const Tensor& x, const Tensor& w, const Packed& packed) {
+  return packed.has_value() ? packed_linear(x, *packed).add_(base) : at::addmm(base, x, w);
+}
+
 // ---------------------------------------------------------------- batch norm of one step
 
 // Batch norm of one [B, F] time step, in our own kernel. PyTorch's CPU batch norm is written
@@ -728,7 +768,7 @@ struct Tape {
 // Normalised input term [T, B, 4H] -> (hidden states [B, T, H], the tape).
 std::tuple<Tensor, Tape> forward(const Tensor& inputs, const Tensor& w_hh,
                                  const Normalisation& norm_h, const Normalisation& norm_c,
-                                 int64_t block_bytes) {
+                                 int64_t block_bytes, const Packed& packed_w_hh) {
   // the caller runs with autograd off; skipping its dispatch keys saves their overhead too
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t T = inputs.size(0), B = inputs.size(1), G = inputs.size(2), H = G / 4;
@@ -744,7 +784,8 @@ std::tuple<Tensor, Tape> forward(const Tensor& inputs, const Tensor& w_hh,
   Tensor z_g = gate_blocks(z)[2];
   const bool fused = fused_steps(inputs);
   for (int64_t t = 0; t < T; ++t) {
-    Tensor a = at::mm_out(tape.a[t], tape.h[t], w_hh_t);
+    Tensor a = tape.a[t];
+    product_into(a, tape.h[t], w_hh_t, packed_w_hh);
     auto [n, mean_h, rstd_h] = norm_h.forward(a, t);
     tape.mean_h.push_back(mean_h);
     tape.rstd_h.push_back(rstd_h);
@@ -787,7 +828,8 @@ std::tuple<Tensor, Tape> forward(const Tensor& inputs, const Tensor& w_hh,
 // Writes dL/dz_t into `d_inputs` [T, B, 4H]; returns (dL/dW_hh, N_h's d weight and d bias,
 // N_c's d weight and d bias), a missing bias's gradient undefined (None).
 Tensors backward(const Tape& tape, const Tensor& grad_hidden, const Tensor& d_inputs,
-                 const Tensor& w_hh, const Normalisation& norm_h, const Normalisation& norm_c) {
+                 const Tensor& w_hh, const Normalisation& norm_h, const Normalisation& norm_c,
+                 const Packed& packed_w_hh_t) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t T = d_inputs.size(0);
   const Tensors step_grad = grad_hidden.unbind(1);
@@ -837,7 +879,7 @@ Tensors backward(const Tape& tape, const Tensor& grad_hidden, const Tensor& d_in
     Tensor da = norm_h.backward(dz, tape.a[t], tape.mean_h[t], tape.rstd_h[t], grads_h);
     if (t > 0) {  // h_0 = 0: step 0 adds nothing to W_hh's gradient and has no h before
       d_w_hh.addmm_(da.t(), tape.h[t]);
-      dh = at::addmm(step_grad[t - 1], da, w_hh);
+      dh = plus_product(step_grad[t - 1], da, w_hh, packed_w_hh_t);
     }
   }
   return {d_w_hh, grads_h[0], grads_h[1], grads_c[0], grads_c[1]};
@@ -884,16 +926,18 @@ void derivative(Tensor& out, const Tensor& grad, const Tensor& y, const std::str
 // from the input term's blocks; with prelu's slopes, p_t is written over the input term.
 void rnn_forward(const Tensors& input_blocks, const Tensors& hidden_blocks,
                  const Tensor& w_hh_t, const std::string& activation, double slope,
-                 const c10::optional<Tensor>& prelu_weight) {
+                 const c10::optional<Tensor>& prelu_weight, const Packed& packed_w_hh) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensors inputs = steps_of(input_blocks), hidden = steps_of(hidden_blocks);
   const int64_t T = static_cast<int64_t>(inputs.size());
   for (int64_t t = 0; t < T; ++t) {
     Tensor h = hidden[t + 1];
     if (prelu_weight.has_value()) {
-      h.copy_(at::_prelu_kernel(inputs[t].addmm_(hidden[t], w_hh_t), *prelu_weight));
+      Tensor p = inputs[t];  // the pre-activation, kept over the input term
+      product_into(p, hidden[t], w_hh_t, packed_w_hh, p);
+      h.copy_(at::_prelu_kernel(p, *prelu_weight));
     } else {
-      at::addmm_out(h, inputs[t], hidden[t], w_hh_t);
+      product_into(h, hidden[t], w_hh_t, packed_w_hh, inputs[t]);
       activate_(h, activation, slope);
     }
   }
@@ -904,7 +948,7 @@ void rnn_forward(const Tensors& input_blocks, const Tensors& hidden_blocks,
 Tensors rnn_backward(const Tensor& grad_hidden, const Tensors& hidden_blocks,
                      const Tensors& d_pre_blocks, const Tensor& w_hh,
                      const std::string& activation, double slope, const Tensors& pre_blocks,
-                     const c10::optional<Tensor>& prelu_weight) {
+                     const c10::optional<Tensor>& prelu_weight, const Packed& packed_w_hh_t) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensors hidden = steps_of(hidden_blocks), d_pre = steps_of(d_pre_blocks);
   const Tensors pre = steps_of(pre_blocks);
@@ -923,7 +967,7 @@ Tensors rnn_backward(const Tensor& grad_hidden, const Tensors& hidden_blocks,
     }
     if (t > 0) {  // h_0 = 0: step 0 adds nothing to W_hh's gradient
       d_w_hh.addmm_(dp.t(), hidden[t]);
-      dh = at::addmm(grad_hidden.select(0, t - 1), dp, w_hh);
+      dh = plus_product(grad_hidden.select(0, t - 1), dp, w_hh, packed_w_hh_t);
     }
   }
   return {d_w_hh, d_slopes.defined() ? d_slopes.sum(0) : Tensor()};
@@ -944,7 +988,7 @@ std::tuple<Tensor, RNNTape> norm_rnn_forward(const Tensor& inputs, const Tensor&
                                              const Normalisation& norm,
                                              const std::string& activation, double slope,
                                              const c10::optional<Tensor>& prelu_weight,
-                                             int64_t block_bytes) {
+                                             int64_t block_bytes, const Packed& packed_w_hh) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t T = inputs.size(0), B = inputs.size(1), H = inputs.size(2);
   const Tensor w_hh_t = w_hh.t().contiguous();
@@ -954,8 +998,9 @@ std::tuple<Tensor, RNNTape> norm_rnn_forward(const Tensor& inputs, const Tensor&
   tape.h.push_back(h);
   const Tensors step_in = inputs.unbind(0);
   for (int64_t t = 0; t < T; ++t) {
-    Tensor a = inside ? at::addmm_out(tape.a[t], step_in[t], h, w_hh_t)
-                      : at::mm_out(tape.a[t], h, w_hh_t);
+    Tensor a = tape.a[t];
+    product_into(a, h, w_hh_t, packed_w_hh,
+                 inside ? c10::optional<Tensor>(step_in[t]) : c10::nullopt);
     auto [n, mean, rstd] = norm.forward(a, t);
     if (!inside) n.add_(step_in[t]);
     if (prelu_weight.has_value()) {
@@ -979,7 +1024,8 @@ std::tuple<Tensor, RNNTape> norm_rnn_forward(const Tensor& inputs, const Tensor&
 Tensors norm_rnn_backward(const RNNTape& tape, const Tensor& grad_hidden,
                           const Tensor& d_inputs, const Tensor& w_hh, const Normalisation& norm,
                           const std::string& activation, double slope,
-                          const c10::optional<Tensor>& prelu_weight) {
+                          const c10::optional<Tensor>& prelu_weight,
+                          const Packed& packed_w_hh_t) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t T = d_inputs.size(0);
   const bool inside = norm.layer;
@@ -1002,7 +1048,7 @@ Tensors norm_rnn_backward(const RNNTape& tape, const Tensor& grad_hidden,
     if (inside) dz.copy_(da);
     if (t > 0) {  // h_0 = 0: step 0 adds nothing to W_hh's gradient and has no h before
       d_w_hh.addmm_(da.t(), tape.h[t]);
-      dh = at::addmm(step_grad[t - 1], da, w_hh);
+      dh = plus_product(step_grad[t - 1], da, w_hh, packed_w_hh_t);
     }
   }
   return {d_w_hh, d_slopes.defined() ? d_slopes.sum(0) : Tensor(), grads[0], grads[1]};
@@ -1013,7 +1059,8 @@ Tensors norm_rnn_backward(const RNNTape& tape, const Tensor& grad_hidden,
 // GRU.forward's loop: turns the input term's blocks into (r, z, n) in place, writes
 // W_hh h_{t-1} + b_hh into the recurrent blocks and h_t into the hidden blocks.
 void gru_forward(const Tensors& gate_blocks_in, const Tensors& recurrent_blocks,
-                 const Tensors& hidden_blocks, const Tensor& w_hh_t, const Tensor& b_hh) {
+                 const Tensors& hidden_blocks, const Tensor& w_hh_t, const Tensor& b_hh,
+                 const c10::optional<Tensor>& packed_w_hh) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensors gates = steps_of(gate_blocks_in), recurrent = steps_of(recurrent_blocks);
   const Tensors hidden = steps_of(hidden_blocks);
@@ -1021,7 +1068,7 @@ void gru_forward(const Tensors& gate_blocks_in, const Tensors& recurrent_blocks,
   const bool fused = fused_steps(gates[0]);
   for (int64_t t = 0; t < T; ++t) {
     Tensor rec = recurrent[t];
-    at::addmm_out(rec, b_hh, hidden[t], w_hh_t);
+    product_into(rec, hidden[t], w_hh_t, packed_w_hh, b_hh);
     Tensor act = gates[t];
     Tensor h = hidden[t + 1];
     if (fused && rows_contiguous({&act, &rec, &hidden[t], &h})) {
@@ -1047,7 +1094,8 @@ void gru_forward(const Tensors& gate_blocks_in, const Tensors& recurrent_blocks,
 // step's slot after its last read) and dL/dn into the d_n blocks.
 void gru_backward(const Tensor& grad_hidden_in, const Tensors& gate_blocks_in,
                   const Tensors& recurrent_blocks, const Tensors& d_n_blocks,
-                  const Tensors& hidden_blocks, const Tensor& w_hh) {
+                  const Tensors& hidden_blocks, const Tensor& w_hh,
+                  const c10::optional<Tensor>& packed_w_hh_t) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tensors gates = steps_of(gate_blocks_in), recurrent = steps_of(recurrent_blocks);
   const Tensors d_n_all = steps_of(d_n_blocks), hidden = steps_of(hidden_blocks);
@@ -1077,7 +1125,10 @@ void gru_backward(const Tensor& grad_hidden_in, const Tensors& gate_blocks_in,
       rows.base_stride = base.stride(0), rows.H = H;
       const StepKernels& kernels = step_kernels();
       run_rows(t > 0 ? kernels.gru_backward : kernels.gru_backward_first, rows, B, 3 * H);
-      if (t > 0) dh = base.addmm_(recurrent[t], w_hh);
+      if (t > 0) {
+        dh = packed_w_hh_t.has_value() ? plus_product(base, recurrent[t], w_hh, packed_w_hh_t)
+                                       : base.addmm_(recurrent[t], w_hh);
+      }
     }
     return;
   }
@@ -1095,7 +1146,9 @@ void gru_backward(const Tensor& grad_hidden_in, const Tensors& gate_blocks_in,
     at::mul_out(d_hn, d_n, r);
     at::sigmoid_backward_out(d_r, d_r_out, r);
     at::sigmoid_backward_out(d_z, dh * (hidden[t] - n), z);
-    if (t > 0) dh = at::addmm(through_z, d, w_hh).add_(grad_hidden.select(0, t - 1));
+    if (t > 0) {
+      dh = plus_product(through_z, d, w_hh, packed_w_hh_t).add_(grad_hidden.select(0, t - 1));
+    }
   }
 }
 
@@ -1135,6 +1188,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "PyTorch's), for tests",
       py::arg("x"), py::arg("kernel"));
   m.def(
+      "packed_linear",
+      [](const Tensor& x, const Tensor& packed, const c10::optional<Tensor>& bias) {
+        return packed_linear(x, packed, bias);
+      },
+      "x W' (+ bias) on a weight packed by oneDNN, as the loops compute it (for tests)",
+      py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+  m.def(
       "tanh_kernel_name", [] { return std::string(chosen_tanh_kernel().second); },
       "Which tanh the loops run on this processor: avx512, avx2 or pytorch");
   m.def("rnn_forward", &rnn_forward, "ElementwiseRNN.forward's loop (over blocks of steps)");
@@ -1145,18 +1205,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "norm_rnn_forward",
       [](const Tensor& inputs, const Tensor& w_hh, const py::tuple& norm,
          const std::string& activation, double slope, const c10::optional<Tensor>& prelu_weight,
-         int64_t block_bytes) {
+         int64_t block_bytes, const Packed& packed_w_hh) {
         return norm_rnn_forward(inputs, w_hh, unpack(norm), activation, slope, prelu_weight,
-                                block_bytes);
+                                block_bytes, packed_w_hh);
       },
       "Normalised RNN: input term [T, B, H] -> (hidden states [B, T, H], tape)");
   m.def(
       "norm_rnn_backward",
       [](const RNNTape& tape, const Tensor& grad_hidden, const Tensor& d_inputs,
          const Tensor& w_hh, const py::tuple& norm, const std::string& activation,
-         double slope, const c10::optional<Tensor>& prelu_weight) {
+         double slope, const c10::optional<Tensor>& prelu_weight, const Packed& packed_w_hh_t) {
         return norm_rnn_backward(tape, grad_hidden, d_inputs, w_hh, unpack(norm), activation,
-                                 slope, prelu_weight);
+                                 slope, prelu_weight, packed_w_hh_t);
       },
       "Writes dL/dz^x_t into d_inputs; returns dW_hh, the prelu slopes' gradient and the "
       "normalisation's d weight, d bias");
@@ -1166,15 +1226,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "forward",
       [](const Tensor& inputs, const Tensor& w_hh, const py::tuple& norm_h,
-         const py::tuple& norm_c, int64_t block_bytes) {
-        return forward(inputs, w_hh, unpack(norm_h), unpack(norm_c), block_bytes);
+         const py::tuple& norm_c, int64_t block_bytes, const Packed& packed_w_hh) {
+        return forward(inputs, w_hh, unpack(norm_h), unpack(norm_c), block_bytes, packed_w_hh);
       },
       "Normalised LSTM: normalised input term [T, B, 4H] -> (hidden states [B, T, H], tape)");
   m.def(
       "backward",
       [](const Tape& tape, const Tensor& grad_hidden, const Tensor& d_inputs,
-         const Tensor& w_hh, const py::tuple& norm_h, const py::tuple& norm_c) {
-        return backward(tape, grad_hidden, d_inputs, w_hh, unpack(norm_h), unpack(norm_c));
+         const Tensor& w_hh, const py::tuple& norm_h, const py::tuple& norm_c,
+         const Packed& packed_w_hh_t) {
+        return backward(tape, grad_hidden, d_inputs, w_hh, unpack(norm_h), unpack(norm_c),
+                        packed_w_hh_t);
       },
       "Writes dL/dz_t into d_inputs; returns dW_hh and the normalisations' d weight, d bias");
 }

@@ -115,7 +115,9 @@ def test_compiled_normalised_lstm_loops_equal_the_python_loops(
 @pytest.mark.parametrize("last_step_only", [False, True])
 @pytest.mark.parametrize("norm", ["layer", "batch"])
 @pytest.mark.parametrize("hidden", [6, 40])
-def test_the_fused_lstm_kernels_match_a_float64_twin(hidden, norm, last_step_only, monkeypatch):
+def test_the_fused_lstm_kernels_match_a_float64_twin(
+    hidden, norm, last_step_only, packed_products, monkeypatch
+):
     """The compiled normalised LSTM loop in float32 (its fused step kernels, where this
     machine has them), two layers, against autograd through the step-by-step twin in
     float64, an independent computation: outputs, the gradients of the input and of every
@@ -180,10 +182,21 @@ def test_compiled_rnn_and_gru_loops_equal_the_python_loops(kwargs, dtype, monkey
     assert_compiled_equals_python(model, monkeypatch, exact=not fused, fused=fused)
 
 
+@pytest.fixture(params=[False, True], ids=["mm", "packed"])
+def packed_products(request, monkeypatch):
+    """Both ways the compiled loops run a step's recurrent product: PyTorch's `mm` (at these
+    tiny sizes, as in training) and oneDNN's on the packed weight (forced: every size)."""
+    if request.param:
+        if bptt.packed_weight(torch.zeros(64, 64), 1 << 20) is None:
+            pytest.skip("this PyTorch has no oneDNN packed products")
+        monkeypatch.setattr(bptt, "PACKED_MIN_MACS", 0)
+    return request.param
+
+
 @needs_toolchain
 @pytest.mark.parametrize("loss", ["weighted", "sum", "last step"])
 @pytest.mark.parametrize("hidden", [6, 40])
-def test_the_fused_gru_kernels_match_a_float64_gru(loss, hidden, monkeypatch):
+def test_the_fused_gru_kernels_match_a_float64_gru(loss, hidden, packed_products, monkeypatch):
     """The compiled GRU loop in float32 (its fused step kernels, where this machine has them)
     against PyTorch's nn.GRU in float64, an independent computation: hidden states and the
     gradients of the input and of every weight within 1e-5 of each one's largest entry. The
@@ -213,6 +226,55 @@ def test_the_fused_gru_kernels_match_a_float64_gru(loss, hidden, monkeypatch):
         scale = float(b.detach().abs().max())
         assert scale > 0
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * scale)
+
+
+@needs_toolchain
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(activation="tanh"), dict(activation="relu"), dict(activation="prelu"),
+     dict(norm="layer"), dict(norm="batch"), dict(norm="batch", activation="prelu")],
+    ids=lambda kwargs: "-".join(kwargs.values()),
+)  # fmt: skip
+def test_the_compiled_rnn_loops_on_packed_products_match_a_float64_twin(kwargs, monkeypatch):
+    """The vanilla RNNs' compiled loops in float32 with every recurrent product on a weight
+    packed by oneDNN (forced down to these sizes), two layers, against autograd through the
+    step-by-step twin in float64: outputs, every gradient and the batch-norm running
+    estimates within 1e-5 of each one's largest entry."""
+    if bptt.packed_weight(torch.zeros(64, 64), 1 << 20) is None:
+        pytest.skip("this PyTorch has no oneDNN packed products")
+    monkeypatch.setattr(bptt, "PACKED_MIN_MACS", 0)
+    monkeypatch.setenv("SEQTEST_NATIVE", "require")
+    torch.manual_seed(0)
+    model = build_model(dict(cell="rnn", hidden_size=40, num_layers=2, **kwargs), 3, 2)
+    twin = copy.deepcopy(model).double()
+    x, weights = torch.randn(5, 12, 3), torch.randn(5, 12, 2)
+    assert all(layer.path(x) == "bptt" for layer in model.layers)
+    out, grads = gradients(model, x, weights)
+    out_twin, grads_twin = gradients(twin, x.double(), weights.double(), unrolled=True)
+    for a, b in zip([out, *grads, *model.buffers()], [out_twin, *grads_twin, *twin.buffers()],
+                    strict=True):  # fmt: skip
+        scale = float(b.detach().abs().max())
+        assert scale > 0
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * scale)
+
+
+@needs_toolchain
+def test_weights_are_packed_only_where_that_pays():
+    """float32 CPU weights from `PACKED_MIN_MACS` multiply-adds (batch x out x in) on; none
+    below, in float64, or for a weight that is not a plain matrix product's (a transposed
+    view is packed from its values: the same product)."""
+    if bptt.packed_weight(torch.zeros(64, 64), 1 << 20) is None:
+        pytest.skip("this PyTorch has no oneDNN packed products")
+    w = torch.randn(384, 128)
+    batch = -(-bptt.PACKED_MIN_MACS // w.numel())  # the smallest batch that pays
+    assert bptt.packed_weight(w, batch) is not None
+    assert bptt.packed_weight(w, batch - 1) is None
+    assert bptt.packed_weight(w.double(), batch) is None
+    loops = native.loops()
+    x = torch.randn(batch, 384)
+    torch.testing.assert_close(
+        loops.packed_linear(x, bptt.packed_weight(w.t(), batch)), x @ w, rtol=1e-5, atol=1e-4
+    )
 
 
 def ulps_from_float64_tanh(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
