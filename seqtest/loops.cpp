@@ -3,12 +3,13 @@
 // the normalised LSTM's.
 //
 // Each loop is a line-by-line translation of the Python loop it replaces in seqtest/bptt.py:
-// the same ATen kernels, called in the same order on buffers laid out the same way, with three
+// the same ATen kernels, called in the same order on buffers laid out the same way, with four
 // exceptions: tanh, the BN-LSTM's recurrent batch norms and, in float32, the GRU's and the
-// normalised LSTMs' element-wise step work run our own kernels (below), which round
-// differently from PyTorch's (all are tested against float64 computations). With the tanh
+// normalised LSTMs' element-wise step work run our own kernels (below), and in float32 the
+// larger recurrent products run on oneDNN's packed weights, not PyTorch's `mm`; all round
+// differently from PyTorch's and are tested against float64 computations. With the tanh
 // kernel swapped into the Python loops, the results of the vanilla RNNs, and of the GRU and
-// LN-LSTM in float64, are bit-identical (tests/test_native.py).
+// LN-LSTM in float64, are bit-identical below the packed products' size (tests/test_native.py).
 // What changes is the cost of
 // issuing them: up to about 24 small kernels per time step, plus a Python object for every
 // per-step view, which from Python cost more than the arithmetic at the sizes a testbed

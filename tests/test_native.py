@@ -1,9 +1,10 @@
 """The compiled BPTT loops (`seqtest.native`): bit-identical to the Python loops they replace
 once these use the compiled tanh kernel (vanilla RNNs, GRU, LN-RNN, LN-LSTM; the BN-RNN and
 BN-LSTM to rounding, their batch norm being our own kernel, checked against PyTorch's; the
-float32 GRU to rounding where its fused step kernels run, checked against a float64 GRU),
-the tanh and sigmoid kernels against float64, and a clear fallback or error where they cannot
-be built."""
+float32 GRU and normalised LSTMs to rounding where their fused step kernels run, checked
+against float64; every loop on oneDNN's packed recurrent products against float64), the tanh
+and sigmoid kernels against float64, and a clear fallback or error where they cannot be
+built."""
 
 from __future__ import annotations
 
