@@ -77,7 +77,9 @@ vectorised; ours, on x86-64 with AVX2 or AVX-512, is 3-7x faster on a step's [B,
 within 1.35 ulp; see `tanh_into`), the batch-normalised cells' per-step batch norm (on
 these [B, F] shapes PyTorch's costs up to twice as much; ours agrees with it to rounding)
 and, on those processors in float32, the GRU's and the normalised LSTMs' element-wise step
-work fused into one or two passes over the step's rows, forward and backward.
+work fused into one or two passes over the step's rows, forward and backward. Their
+recurrent products of at least `PACKED_MIN_MACS` multiply-adds run on oneDNN's kernel with
+W_hh packed once per pass (`packed_weight`).
 Training runs those where they could be built, equal to these
 loops to rounding (and to the last bit with the tanh kernel swapped in, without batch
 norm and without the fused kernels: tested), and the Python loops here otherwise. At these
@@ -133,13 +135,15 @@ PACKED_MIN_MACS = 2_000_000
 def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
     """`weight` [out, in] packed by oneDNN for x weight' with x [batch, in], for the
     compiled loops' per-step products (loops.cpp, `packed_linear`), where that pays:
-    float32 CPU tensors, a PyTorch built with oneDNN, at least `PACKED_MIN_MACS`
+    float32 CPU tensors, a PyTorch built with oneDNN and not told to leave it
+    (`torch.backends.mkldnn.flags(enabled=False)`), at least `PACKED_MIN_MACS`
     multiply-adds. None elsewhere (the loops then call PyTorch's `mm`)."""
     if not (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and batch * weight.numel() >= PACKED_MIN_MACS
         and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     ):
         return None

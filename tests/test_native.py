@@ -260,10 +260,10 @@ def test_the_compiled_rnn_loops_on_packed_products_match_a_float64_twin(kwargs, 
 
 
 @needs_toolchain
-def test_weights_are_packed_only_where_that_pays():
+def test_weights_are_packed_only_where_that_pays(monkeypatch):
     """float32 CPU weights from `PACKED_MIN_MACS` multiply-adds (batch x out x in) on; none
-    below, in float64, or for a weight that is not a plain matrix product's (a transposed
-    view is packed from its values: the same product)."""
+    below, in float64, or with oneDNN turned off; a transposed view is packed from its
+    values (the backward pass's W_hh'): the same product as `mm`'s."""
     if bptt.packed_weight(torch.zeros(64, 64), 1 << 20) is None:
         pytest.skip("this PyTorch has no oneDNN packed products")
     w = torch.randn(384, 128)
@@ -271,6 +271,10 @@ def test_weights_are_packed_only_where_that_pays():
     assert bptt.packed_weight(w, batch) is not None
     assert bptt.packed_weight(w, batch - 1) is None
     assert bptt.packed_weight(w.double(), batch) is None
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.backends.mkldnn, "enabled", False)
+        assert bptt.packed_weight(w, batch) is None
+    assert torch.backends.mkldnn.enabled
     loops = native.loops()
     x = torch.randn(batch, 384)
     torch.testing.assert_close(
