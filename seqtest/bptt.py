@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import functools
 import math
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -135,11 +136,12 @@ PACKED_MIN_MACS = 2_000_000
 def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
     """`weight` [out, in] packed by oneDNN for x weight' with x [batch, in], for the
     compiled loops' per-step products (loops.cpp, `packed_linear`), where that pays:
-    float32 CPU tensors, a PyTorch built with oneDNN and not told to leave it
-    (`torch.backends.mkldnn.flags(enabled=False)`), at least `PACKED_MIN_MACS`
+    float32 CPU tensors on x86-64 (where it was measured), a PyTorch built with oneDNN and
+    not told to leave it (`torch.backends.mkldnn.enabled`), at least `PACKED_MIN_MACS`
     multiply-adds. None elsewhere (the loops then call PyTorch's `mm`)."""
     if not (
-        weight.device.type == "cpu"
+        platform.machine().lower() in ("x86_64", "amd64")
+        and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and batch * weight.numel() >= PACKED_MIN_MACS
         and torch.backends.mkldnn.is_available()

@@ -262,8 +262,8 @@ def test_the_compiled_rnn_loops_on_packed_products_match_a_float64_twin(kwargs, 
 @needs_toolchain
 def test_weights_are_packed_only_where_that_pays(monkeypatch):
     """float32 CPU weights from `PACKED_MIN_MACS` multiply-adds (batch x out x in) on; none
-    below, in float64, or with oneDNN turned off; a transposed view is packed from its
-    values (the backward pass's W_hh'): the same product as `mm`'s."""
+    below, in float64, with oneDNN turned off or off x86-64; a transposed view is packed
+    from its values (the backward pass's W_hh'): the same product as `mm`'s."""
     if bptt.packed_weight(torch.zeros(64, 64), 1 << 20) is None:
         pytest.skip("this PyTorch has no oneDNN packed products")
     w = torch.randn(384, 128)
@@ -275,6 +275,9 @@ def test_weights_are_packed_only_where_that_pays(monkeypatch):
         patch.setattr(torch.backends.mkldnn, "enabled", False)
         assert bptt.packed_weight(w, batch) is None
     assert torch.backends.mkldnn.enabled
+    with monkeypatch.context() as patch:  # unmeasured on other processors: PyTorch's mm
+        patch.setattr(bptt.platform, "machine", lambda: "aarch64")
+        assert bptt.packed_weight(w, batch) is None
     loops = native.loops()
     x = torch.randn(batch, 384)
     torch.testing.assert_close(
