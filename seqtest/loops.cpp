@@ -481,17 +481,16 @@ bool all_contiguous(std::initializer_list<const Tensor*> tensors) {
 
 // ---------------------------------------------------------------- recurrent products
 
-// x W' (+ bias) for a weight W [out, in] that oneDNN packed once for the whole sequence
+// x W' for a weight W [out, in] that oneDNN packed once for the whole sequence
 // (seqtest.bptt.packed_weight; PyTorch's `mkldnn::_reorder_linear_weight`), through
 // PyTorch's `mkldnn::_linear_pointwise`. The per-step products of a recurrence reuse one
 // weight T times, and on the 2-core AMD EPYC machine PyTorch's matrix product (MKL) ran
 // them at about half the speed of oneDNN's kernel on the packed weight from
 // [64, 128] x [128, 384] on (docs/performance.md); below that its fixed cost loses.
-Tensor packed_linear(const Tensor& x, const Tensor& packed,
-                     const c10::optional<Tensor>& bias = c10::nullopt) {
+Tensor packed_linear(const Tensor& x, const Tensor& packed) {
   static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  std::vector<c10::IValue> stack{x, packed, bias, std::string("none"),
+  std::vector<c10::IValue> stack{x, packed, c10::optional<Tensor>(), std::string("none"),
                                  c10::List<c10::optional<at::Scalar>>(),
                                  c10::optional<std::string>()};
   op.callBoxed(&stack);
@@ -1188,13 +1187,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "sigmoid(x) by the GRU kernels' sigmoid for the kernel named (avx512, avx2; pytorch: "
       "PyTorch's), for tests",
       py::arg("x"), py::arg("kernel"));
-  m.def(
-      "packed_linear",
-      [](const Tensor& x, const Tensor& packed, const c10::optional<Tensor>& bias) {
-        return packed_linear(x, packed, bias);
-      },
-      "x W' (+ bias) on a weight packed by oneDNN, as the loops compute it (for tests)",
-      py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+  m.def("packed_linear", &packed_linear,
+        "x W' on a weight packed by oneDNN, as the loops compute it (for tests)");
   m.def(
       "tanh_kernel_name", [] { return std::string(chosen_tanh_kernel().second); },
       "Which tanh the loops run on this processor: avx512, avx2 or pytorch");
