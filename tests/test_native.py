@@ -183,13 +183,19 @@ def test_compiled_rnn_and_gru_loops_equal_the_python_loops(kwargs, dtype, monkey
     assert_compiled_equals_python(model, monkeypatch, exact=not fused, fused=fused)
 
 
-@pytest.fixture(params=[False, True], ids=["mm", "packed"])
+needs_packed_products = pytest.mark.skipif(
+    bptt.packed_weight(torch.zeros(64, 64), 1 << 20) is None,
+    reason="no oneDNN packed products here (another processor, or a PyTorch without oneDNN)",
+)
+
+
+@pytest.fixture(
+    params=[False, pytest.param(True, marks=needs_packed_products)], ids=["mm", "packed"]
+)
 def packed_products(request, monkeypatch):
     """Both ways the compiled loops run a step's recurrent product: PyTorch's `mm` (at these
     tiny sizes, as in training) and oneDNN's on the packed weight (forced: every size)."""
     if request.param:
-        if bptt.packed_weight(torch.zeros(64, 64), 1 << 20) is None:
-            pytest.skip("this PyTorch has no oneDNN packed products")
         monkeypatch.setattr(bptt, "PACKED_MIN_MACS", 0)
     return request.param
 
@@ -230,6 +236,7 @@ def test_the_fused_gru_kernels_match_a_float64_gru(loss, hidden, packed_products
 
 
 @needs_toolchain
+@needs_packed_products
 @pytest.mark.parametrize(
     "kwargs",
     [dict(activation="tanh"), dict(activation="relu"), dict(activation="prelu"),
@@ -241,8 +248,6 @@ def test_the_compiled_rnn_loops_on_packed_products_match_a_float64_twin(kwargs, 
     packed by oneDNN (forced down to these sizes), two layers, against autograd through the
     step-by-step twin in float64: outputs, every gradient and the batch-norm running
     estimates within 1e-5 of each one's largest entry."""
-    if bptt.packed_weight(torch.zeros(64, 64), 1 << 20) is None:
-        pytest.skip("this PyTorch has no oneDNN packed products")
     monkeypatch.setattr(bptt, "PACKED_MIN_MACS", 0)
     monkeypatch.setenv("SEQTEST_NATIVE", "require")
     torch.manual_seed(0)
@@ -260,12 +265,11 @@ def test_the_compiled_rnn_loops_on_packed_products_match_a_float64_twin(kwargs, 
 
 
 @needs_toolchain
+@needs_packed_products
 def test_weights_are_packed_only_where_that_pays(monkeypatch):
     """float32 CPU weights from `PACKED_MIN_MACS` multiply-adds (batch x out x in) on; none
     below, in float64, with oneDNN turned off or off x86-64; a transposed view is packed
     from its values (the backward pass's W_hh'): the same product as `mm`'s."""
-    if bptt.packed_weight(torch.zeros(64, 64), 1 << 20) is None:
-        pytest.skip("this PyTorch has no oneDNN packed products")
     w = torch.randn(384, 128)
     batch = -(-bptt.PACKED_MIN_MACS // w.numel())  # the smallest batch that pays
     assert bptt.packed_weight(w, batch) is not None
